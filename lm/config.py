@@ -1,0 +1,189 @@
+"""The config schema: every field a run has, its default, and the checks that run before any work.
+
+Named configs in `configs/` start from `default_config()` and override what they need; any field can
+be overridden on the command line (`--config.model.num_layers=2`).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Sequence
+
+import jax
+from absl import flags
+from ml_collections import ConfigDict
+
+
+class ConfigError(ValueError):
+    """A problem in the config or input that the user can fix; shown as one line, no traceback."""
+
+
+def default_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+
+    c.model = m = ConfigDict()
+    m.vocab_size = 0            # 0: the tokenizer's size rounded up to `vocab_multiple`
+    m.vocab_multiple = 128      # padding the vocabulary makes the head matmul and its sharding even
+    m.num_layers = 6
+    m.num_heads = 6
+    m.num_kv_heads = 0          # 0: = num_heads (multi-head); fewer: grouped-query attention
+    m.d_model = 384
+    m.d_ff = 0                  # 0: 4*d_model for gelu, 8/3*d_model rounded up to 256 for swiglu
+    m.context_length = 256
+    m.dropout = 0.0
+    m.norm = "layernorm"        # layernorm | rmsnorm
+    m.norm_eps = 1e-5
+    m.position = "learned"      # learned | rope
+    m.rope_theta = 10000.0
+    m.mlp = "gelu"              # gelu | swiglu
+    m.use_bias = True
+    m.tie_embeddings = True
+    m.init_std = 0.02
+    m.dtype = "float32"         # compute dtype, e.g. bfloat16
+    m.param_dtype = "float32"
+    m.remat_policy = "none"     # none, or a jax.checkpoint_policies name, e.g. nothing_saveable
+    m.scan_layers = True
+
+    c.data = d = ConfigDict()
+    d.path = "builtin:python_docs"  # file, directory or glob (comma-separated), or builtin:python_docs
+    d.tokenizer = "char"            # char | byte
+    d.val_fraction = 0.1            # held out by document; a single document is split at its end
+
+    c.optim = o = ConfigDict()
+    o.learning_rate = 1e-3
+    o.min_learning_rate = 1e-4
+    o.warmup_steps = 100
+    o.schedule = "cosine"       # cosine | linear | constant (after warmup)
+    o.decay_steps = 0           # 0: train.steps
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.decay_embeddings = False
+    o.grad_clip = 1.0           # global-norm clipping; 0 disables
+    o.grad_accum_steps = 1      # micro-batches per step; the global batch is split evenly
+
+    c.mesh = ms = ConfigDict()
+    ms.data = -1                # -1: whatever the other axes leave of the device count
+    ms.fsdp = 1
+    ms.tensor = 1
+
+    c.train = t = ConfigDict()
+    t.steps = 1000
+    t.batch_size = 16           # global, in sequences
+    t.z_loss = 0.0
+    t.log_every = 50
+    t.eval_every = 250
+    t.eval_batches = 20
+    t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator table, or a measured matmul on CPU
+    t.sample_prompt = "\n"
+    t.sample_length = 200
+    t.sample_temperature = 0.8
+    t.sample_top_k = 0
+    return c
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+_CHOICES = {
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.position": ("learned", "rope"),
+    "model.mlp": ("gelu", "swiglu"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "data.tokenizer": ("char", "byte"),
+}
+
+
+def _get(config: ConfigDict, path: str):
+    for key in path.split("."):
+        config = config[key]
+    return config
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def mesh_shape(config: ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """The (data, fsdp, tensor) sizes, with a single -1 filled from the device count."""
+    sizes = [config.mesh[a] for a in MESH_AXES]
+    _check(sizes.count(-1) <= 1 and all(s == -1 or s >= 1 for s in sizes),
+           f"mesh {dict(zip(MESH_AXES, sizes))}: each axis must be >= 1, and at most one may be -1")
+    fixed = 1
+    for s in sizes:
+        fixed *= s if s != -1 else 1
+    if -1 in sizes:
+        _check(num_devices % fixed == 0,
+               f"mesh {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: "
+               f"the fixed axes' product {fixed} must divide the device count")
+        sizes[sizes.index(-1)] = num_devices // fixed
+    total = 1
+    for s in sizes:
+        total *= s
+    _check(total == num_devices,
+           f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {total} devices but "
+           f"{num_devices} are available; set --config.mesh.* so the product is {num_devices} "
+           f"(or set one axis to -1)")
+    return tuple(sizes)
+
+
+def validate(config: ConfigDict, num_devices: int | None = None) -> None:
+    """Raise ConfigError naming the field and the fix for anything that would fail later."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    for path, choices in _CHOICES.items():
+        _check(_get(config, path) in choices,
+               f"config.{path}={_get(config, path)!r} is not one of {', '.join(choices)}")
+    m, o, t = config.model, config.optim, config.train
+    for path in ("model.num_layers", "model.num_heads", "model.d_model", "model.context_length",
+                 "train.steps", "train.batch_size", "optim.grad_accum_steps", "train.log_every",
+                 "train.eval_every", "train.eval_batches"):
+        _check(_get(config, path) >= 1, f"config.{path}={_get(config, path)} must be >= 1")
+    _check(m.d_model % m.num_heads == 0,
+           f"config.model.num_heads={m.num_heads} does not divide config.model.d_model="
+           f"{m.d_model}; choose heads that divide the width")
+    kv = m.num_kv_heads or m.num_heads
+    _check(m.num_heads % kv == 0,
+           f"config.model.num_kv_heads={kv} does not divide config.model.num_heads={m.num_heads}")
+    _check(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0,
+           f"rope needs an even head dimension, got d_model/num_heads={m.d_model // m.num_heads}")
+    _check(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
+    _check(m.remat_policy == "none" or hasattr(jax.checkpoint_policies, m.remat_policy),
+           f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
+           f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")
+    _check(0.0 <= config.data.val_fraction < 1.0,
+           f"config.data.val_fraction={config.data.val_fraction} must be in [0, 1)")
+    for path in ("optim.learning_rate", "optim.min_learning_rate", "optim.weight_decay",
+                 "optim.grad_clip", "optim.warmup_steps", "train.z_loss"):
+        _check(_get(config, path) >= 0, f"config.{path}={_get(config, path)} must be >= 0")
+    _check(o.min_learning_rate <= o.learning_rate,
+           f"config.optim.min_learning_rate={o.min_learning_rate} exceeds "
+           f"config.optim.learning_rate={o.learning_rate}")
+
+    data, fsdp, tensor = mesh_shape(config, num_devices)
+    batch_shards = data * fsdp
+    _check(t.batch_size % (batch_shards * o.grad_accum_steps) == 0,
+           f"config.train.batch_size={t.batch_size} must be divisible by data*fsdp={batch_shards} "
+           f"times config.optim.grad_accum_steps={o.grad_accum_steps}")
+    for path in ("model.num_heads", "model.num_kv_heads"):
+        heads = _get(config, path) or m.num_heads
+        _check(heads % tensor == 0, f"config.{path}={heads} must be divisible by "
+               f"config.mesh.tensor={tensor} (heads are split over the tensor axis)")
+    _check(m.d_model % fsdp == 0,
+           f"config.model.d_model={m.d_model} must be divisible by config.mesh.fsdp={fsdp}")
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl flag parsing that turns an unknown `--config.x.y` into a one-line error."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections' report of a missing field
+        missing = re.findall(r"'([A-Za-z_0-9]+)'", str(e))
+        bad = [a for a in argv[1:] if a.startswith("--config.") and missing
+               and re.search(rf"\.{missing[0]}(=|$|\.)", a.split("=")[0] + "=")]
+        where = bad[0].split("=")[0] if bad else "a --config override"
+        sys.exit(f"error: {where}: unknown config field {missing[0] if missing else e}; "
+                 f"the fields are listed in lm/config.py")

@@ -1,0 +1,230 @@
+"""A decoder-only Transformer in Flax linen: GPT-2 style or LLaMA style, chosen by config.
+
+GPT-2:  learned positions, LayerNorm, GELU MLP, biases, tied input/output embeddings.
+LLaMA:  rotary positions (RoPE), RMSNorm, SwiGLU MLP, no biases, grouped-query attention, own head.
+
+Every parameter and the main activations carry logical axis names; `lm/sharding.py` maps them onto
+the device mesh. The model is a pure function of (params, tokens) -> float32 logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    d_model: int
+    d_ff: int
+    context_length: int
+    dropout: float = 0.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_layers: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @classmethod
+    def from_config(cls, model: ConfigDict, vocab_size: int) -> ModelConfig:
+        """The model section of a run config, with the vocabulary size and defaults resolved."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in model.items() if k in names}
+        if not model.d_ff:  # LLaMA keeps SwiGLU's parameter count near a 4x GELU MLP's
+            fields["d_ff"] = (4 * model.d_model if model.mlp == "gelu"
+                              else -(-8 * model.d_model // 3 // 256) * 256)
+        fields.update(vocab_size=vocab_size, num_kv_heads=model.num_kv_heads or model.num_heads)
+        return cls(**fields)
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+class Dense(nn.Module):
+    """Contract the trailing `in_dims` axes of x with a kernel whose axes are named by `axes`."""
+    cfg: ModelConfig
+    features: int | tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical names: contracted input axes, then output axes
+    in_dims: int = 1
+    std: float | None = None
+    use_bias: bool | None = None  # None: cfg.use_bias
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        std = cfg.init_std if self.std is None else self.std
+        kernel = self.param("kernel", _init(std, self.axes), x.shape[-self.in_dims:] + features,
+                            cfg.param_dtype)
+        y = jnp.tensordot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), self.in_dims)
+        if cfg.use_bias if self.use_bias is None else self.use_bias:
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:])
+            y = y + self.param("bias", bias_init, features, cfg.param_dtype).astype(cfg.dtype)
+        return y
+
+
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+    scale = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                          scale_init=scale, name=name)
+    return nn.LayerNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        use_bias=cfg.use_bias, scale_init=scale, name=name,
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def _residual_std(cfg: ModelConfig) -> float:
+    # GPT-2: each block adds two residual branches; scaling their output projections keeps the
+    # residual stream's variance independent of depth at initialisation.
+    return cfg.init_std / (2 * cfg.num_layers) ** 0.5
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split layout (as in HF LLaMA). x: [batch, length, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[:, :, None, None].astype(jnp.float32) * freq
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[batch, 1, 1, q, k]: causal, and a token sees only its own segment (packed documents)."""
+    length = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal & same_segment)[:, None, None]
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = Dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(x)
+        k = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(x)
+        v = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(x)
+        if cfg.position == "rope":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
+        k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_kv_heads", None))
+
+        # Grouped-query attention: query heads are grouped so that each group shares one kv head.
+        batch, length = q.shape[:2]
+        q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / head_dim ** 0.5
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        probs = nn.Dropout(cfg.dropout)(probs, deterministic=self.deterministic)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads, head_dim)
+        out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
+        return Dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), in_dims=2,
+                     std=_residual_std(cfg), name="out")(out)
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        if cfg.mlp == "swiglu":
+            gate = Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="gate")(x)
+            h = nn.silu(gate) * Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x)
+        else:
+            h = nn.gelu(Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x))
+        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+        return Dense(cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; (carry, None) in and out so that nn.scan can stack it."""
+    cfg: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array):
+        cfg = self.cfg
+        drop = functools.partial(nn.Dropout(cfg.dropout), deterministic=self.deterministic)
+        h = Attention(cfg, self.deterministic, name="attn")(_norm(cfg, "attn_norm")(x), positions, mask)
+        x = x + drop(h)
+        x = x + drop(Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x)))
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), None
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        """tokens [batch, length] int -> logits [batch, length, vocab] float32."""
+        cfg = self.cfg
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if segment_ids is None:
+            segment_ids = jnp.zeros((batch, length), jnp.int32)
+        mask = attention_mask(segment_ids)
+
+        table = self.param("embed", _init(cfg.init_std, ("vocab", "embed")),
+                           (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
+        # Gather from a replicated copy: a gather from a vocab/fsdp-split table makes XLA fall back
+        # to a full rematerialisation, and FSDP gathers every weight for its use anyway.
+        x = jnp.take(nn.with_logical_constraint(table, (None, None)), tokens, axis=0)
+        x = x.astype(cfg.dtype)
+        if cfg.position == "learned":
+            pos_table = self.param("pos_embed", _init(cfg.init_std, ("positions", "embed")),
+                                   (cfg.context_length, cfg.d_model), cfg.param_dtype)
+            pos_table = nn.with_logical_constraint(pos_table, (None, None))
+            x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.dtype)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, prevent_cse=not cfg.scan_layers,
+                             policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
+        if cfg.scan_layers:  # one compiled block, looped: compile time does not grow with depth
+            stack = nn.scan(block, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(cfg, deterministic, name="layers")(x, positions, mask)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block(cfg, deterministic, name=f"layers_{i}")(x, positions, mask)
+
+        x = _norm(cfg, "final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = jnp.dot(x, table.T.astype(cfg.dtype))
+        else:
+            logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                           name="lm_head")(x)
+        logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits.astype(jnp.float32)

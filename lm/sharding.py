@@ -1,0 +1,76 @@
+"""The device mesh and the one table that decides how every named axis is split across it.
+
+The model only names axes ("embed", "heads", "act_batch", ...). `LOGICAL_AXIS_RULES` maps those names
+to the mesh axes `data`, `fsdp` and `tensor`, so changing the parallelism is a config change:
+- data:   batch split, parameters replicated (plain data parallelism);
+- fsdp:   batch split and parameters split along `embed` (ZeRO-3 style, gathered per layer);
+- tensor: heads, MLP width and vocabulary split (Megatron style), activations split to match.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from lm.config import MESH_AXES, mesh_shape
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("positions", None),
+    ("layers", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def make_mesh(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), sized from config.mesh.
+
+    Axes are Auto: linen's logical constraints are sharding hints, which Explicit axes reject.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(config, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: tuple[str | None, ...]) -> NamedSharding:
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES))
+
+
+def tree_shardings(mesh: Mesh, boxed_tree: Any) -> Any:
+    """Shardings for a tree of `nn.Partitioned` boxes (or shapes of them) from their axis names."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return logical_sharding(mesh, ("act_batch", "act_length"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
+    """Assemble this process's rows into global arrays sharded over the batch axes of the mesh."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
+            for k, v in local.items()}

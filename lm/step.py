@@ -1,0 +1,150 @@
+"""The train state and the pure step functions, compiled with explicit shardings over the mesh.
+
+A batch is a dict of [batch, length] arrays: `inputs` and `targets` (token ids) and `mask` (loss
+weight per position: 0 on padding, or on prompt tokens when fine-tuning on completions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from lm import sharding
+from lm.model import Transformer
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token negative log-likelihood and summed log-normaliser squared (for z-loss)."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((log_z - target_logit) * weights), jnp.sum(jnp.square(log_z) * weights)
+
+
+def loss_sums(params: Any, model: Transformer, batch: Batch, z_loss: float,
+              dropout_rng: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(objective summed over positions, (summed nll, number of scored positions)).
+
+    Sums rather than means, so that micro-batches add up to exactly the full batch's gradient.
+    """
+    logits = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
+                         deterministic=dropout_rng is None,
+                         rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+    weights = batch["mask"].astype(jnp.float32)
+    nll, z = cross_entropy(logits, batch["targets"], weights)
+    return nll + z_loss * z, (nll, jnp.sum(weights))
+
+
+def _micro_batches(batch: Batch, k: int) -> Batch:
+    # Micro-batch j takes rows j, j+k, ...: every device keeps its share of every micro-batch.
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "act_batch", "act_length"))
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: Batch, *, model: Transformer,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule, z_loss: float,
+               grad_accum_steps: int, dropout_seed: int | None) -> tuple[TrainState, Metrics]:
+    """One optimizer update on the global batch, accumulated over `grad_accum_steps` micro-batches."""
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def accumulate(carry, micro):
+        index, micro_batch = micro
+        rng = None
+        if dropout_seed is not None:
+            rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state.step),
+                                     index)
+        (_, (nll, count)), grads = grad_fn(state.params, model, micro_batch, z_loss, rng)
+        return jax.tree.map(jnp.add, carry, (grads, nll, count)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+    micro = (jnp.arange(grad_accum_steps), _micro_batches(batch, grad_accum_steps))
+    (grad_sum, nll_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
+    grads = jax.tree.map(lambda g: g / count, grad_sum)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": nll_sum / count, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state.step), "tokens": count}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: Transformer) -> Metrics:
+    _, (nll, count) = loss_sums(params, model, batch, 0.0, None)
+    return {"nll": nll, "tokens": count}
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+    """The jitted, sharded functions of one run, compiled ahead of time for its batch shape."""
+    init: Callable[[], TrainState]
+    train: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+    eval: Callable[[Any, Batch], Metrics]
+    state_sharding: Any
+    compile_seconds: float
+    memory_bytes_per_device: int | None
+
+
+def _abstract_batch(mesh: Mesh, batch_size: int, length: int) -> Batch:
+    spec = jax.ShapeDtypeStruct((batch_size, length), jnp.int32,
+                                sharding=sharding.batch_sharding(mesh))
+    return {"inputs": spec, "targets": spec,
+            "mask": jax.ShapeDtypeStruct(spec.shape, jnp.float32, sharding=spec.sharding)}
+
+
+def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
+                  schedule: optax.Schedule, mesh: Mesh, *, seed: int, batch_size: int,
+                  z_loss: float = 0.0, grad_accum_steps: int = 1) -> CompiledSteps:
+    """Compile init/train/eval for `mesh`. The state is created directly sharded, never whole."""
+    length = model.cfg.context_length
+    batch = _abstract_batch(mesh, batch_size, length)
+
+    def init() -> TrainState:
+        boxed = model.init(jax.random.key(seed), jnp.zeros((1, length), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=boxed,
+                          opt_state=optimizer.init(boxed))
+
+    state_sharding = sharding.tree_shardings(mesh, jax.eval_shape(init))
+    train = functools.partial(
+        train_step, model=model, optimizer=optimizer, schedule=schedule, z_loss=z_loss,
+        grad_accum_steps=grad_accum_steps, dropout_seed=seed if model.cfg.dropout > 0 else None)
+    evaluate = functools.partial(eval_step, model=model)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        init_jit = jax.jit(lambda: nn.unbox(init()), out_shardings=state_sharding)
+        state_shape = jax.eval_shape(init_jit)
+        init_fn = init_jit.lower().compile()
+        start = time.perf_counter()
+        train_fn = jax.jit(train, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                           out_shardings=(state_sharding, sharding.replicated(mesh)),
+                           donate_argnums=0).lower(state_shape, batch).compile()
+        compile_seconds = time.perf_counter() - start
+        eval_fn = jax.jit(evaluate, in_shardings=(state_sharding.params, sharding.batch_sharding(mesh)),
+                          out_shardings=sharding.replicated(mesh)
+                          ).lower(state_shape.params, batch).compile()
+    memory = train_fn.memory_analysis()
+    return CompiledSteps(
+        init=init_fn, train=train_fn, eval=eval_fn, state_sharding=state_sharding,
+        compile_seconds=compile_seconds,
+        memory_bytes_per_device=None if memory is None else (
+            memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes))
