@@ -83,7 +83,7 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll_sum / count, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": nll_sum / count, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "tokens": count}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

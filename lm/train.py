@@ -1,0 +1,153 @@
+"""Train a language model: `python -m lm.train --config=configs/quickstart.py --workdir=runs/qs`.
+
+`train_and_evaluate(config, workdir)` is the whole job and can be called from a notebook; `main` only
+parses flags and turns user errors into one-line messages.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+from tqdm import tqdm
+
+from lm import data, flops, optim, sampling, sharding, step
+from lm import tokenizer as tokenizers
+from lm.config import ConfigError, parse_flags, validate
+from lm.metrics import MetricsWriter, console, format_metrics
+from lm.model import ModelConfig, Transformer
+
+_DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.")
+
+
+def model_config(config: ConfigDict, tokenizer_vocab: int, tensor: int) -> ModelConfig:
+    """The model's shape, with the vocabulary resolved against the tokenizer and checked."""
+    vocab = config.model.vocab_size
+    if vocab == 0:
+        multiple = config.model.vocab_multiple
+        vocab = -(-tokenizer_vocab // multiple) * multiple
+    if vocab < tokenizer_vocab:
+        raise ConfigError(f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
+                          f"{tokenizer_vocab} ids; set it to 0 (automatic) or at least "
+                          f"{tokenizer_vocab}")
+    cfg = ModelConfig.from_config(config.model, vocab)
+    for name, size in (("vocab_size", cfg.vocab_size), ("d_ff", cfg.d_ff)):
+        if size % tensor:
+            raise ConfigError(f"model {name}={size} must be divisible by config.mesh.tensor="
+                              f"{tensor}; change one of them")
+    return cfg
+
+
+def evaluate(steps: step.CompiledSteps, params, batches, mesh, global_rows: int) -> float:
+    nll = tokens = 0.0
+    for batch in batches:
+        out = jax.device_get(steps.eval(params, sharding.global_batch(mesh, batch, global_rows)))
+        nll, tokens = nll + out["nll"], tokens + out["tokens"]
+    return nll / tokens
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Train `config` into `workdir`; returns the final train loss, val loss and baselines."""
+    validate(config)
+    workdir = Path(workdir)
+    corpus = data.load_corpus(config.data, config.seed)
+    mesh = sharding.make_mesh(config)
+    cfg = model_config(config, corpus.tokenizer.vocab_size, mesh.shape["tensor"])
+    t = config.train
+    train_iter = data.train_batches(corpus.train, cfg.context_length, t.batch_size, config.seed)
+    val_batches = data.eval_batches(corpus.val, cfg.context_length, t.batch_size, t.eval_batches)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        tokenizers.save(corpus.tokenizer, workdir / "tokenizer.json")
+
+    model = Transformer(cfg)
+    schedule = optim.learning_rate_schedule(config.optim, t.steps)
+    steps = step.compile_steps(model, optim.make_optimizer(config.optim, t.steps), schedule, mesh,
+                               seed=config.seed, batch_size=t.batch_size, z_loss=t.z_loss,
+                               grad_accum_steps=config.optim.grad_accum_steps)
+    state = steps.init()
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    flops_per_token = flops.train_flops_per_token(cfg)
+    peak = flops.peak_flops(list(mesh.devices.flat), t.peak_flops_per_device)
+    unigram = data.unigram_cross_entropy(corpus.train, corpus.val, cfg.vocab_size)
+    console(f"model: {num_params:,} parameters, {cfg.num_layers} layers, d_model {cfg.d_model}, "
+            f"vocab {cfg.vocab_size} (tokenizer {corpus.tokenizer.vocab_size})")
+    console(f"data: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
+            f"unigram baseline {unigram:.3f} nats/token")
+    console(f"mesh: {dict(mesh.shape)} on {mesh.devices.flat[0].platform}; step compiled in "
+            f"{steps.compile_seconds:.1f}s, ~{(steps.memory_bytes_per_device or 0) / 2**20:,.0f} "
+            f"MiB/device")
+
+    writer = MetricsWriter(workdir)
+    tokens_per_step = t.batch_size * cfg.context_length
+    progress = tqdm(total=t.steps, desc="train", unit="step", dynamic_ncols=True,
+                    disable=None if jax.process_index() == 0 else True)  # None: only on a terminal
+    last_time, last_step, val_loss, metrics = time.perf_counter(), 0, math.nan, {}
+    for i in range(1, t.steps + 1):
+        batch = sharding.global_batch(mesh, next(train_iter), t.batch_size)
+        state, metrics = steps.train(state, batch)
+        progress.update(1)
+        if i % t.log_every == 0 or i == t.steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            seconds_per_step = (now - last_time) / (i - last_step)
+            metrics["tokens_per_sec"] = tokens_per_step / seconds_per_step
+            if peak:
+                metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak
+            last_time, last_step = now, i
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss became {metrics['loss']} at step {i}; lower "
+                                         f"config.optim.learning_rate or raise warmup_steps")
+            writer.write(i, metrics)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                 tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+            eta = time.strftime("%H:%M:%S", time.gmtime(seconds_per_step * (t.steps - i)))
+            console(f"step {i}/{t.steps}  {format_metrics(metrics)}  eta {eta}")
+        if i % t.eval_every == 0 or i == t.steps:
+            val_loss = evaluate(steps, state.params, val_batches, mesh, t.batch_size)
+            writer.write(i, {"val_loss": val_loss})
+            console(f"step {i}/{t.steps}  val_loss {val_loss:.4f}  (unigram baseline {unigram:.3f})")
+            last_time = time.perf_counter()  # evaluation time is not training throughput
+    progress.close()
+    writer.close()
+
+    prompt = corpus.tokenizer.encode(t.sample_prompt)
+    text = corpus.tokenizer.decode(sampling.sample(
+        model, state.params, prompt, t.sample_length, seed=config.seed,
+        temperature=t.sample_temperature, top_k=t.sample_top_k,
+        valid_vocab=corpus.tokenizer.vocab_size))
+    console(f"sample ({t.sample_length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
+    return {"train_loss": metrics["loss"], "val_loss": val_loss, "unigram_baseline": unigram,
+            "steps": t.steps}
+
+
+def main(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise to a user
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value:
+        sys.exit("error: --workdir is required (the directory for checkpoints, metrics and logs)")
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
