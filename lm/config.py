@@ -78,6 +78,12 @@ def default_config() -> ConfigDict:
     t.eval_every = 250
     t.eval_batches = 20
     t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator table, or a measured matmul on CPU
+    t.checkpoint_every = 500    # steps between saves (also saved at the end and on SIGTERM)
+    t.checkpoint_every_minutes = 0.0  # also save this often in wall time; 0: off
+    t.keep_checkpoints = 3      # the latest K are kept...
+    t.keep_every = 0            # ...plus every M-th step when M > 0
+    t.init_from = ""            # a workdir or checkpoint step directory: its params start the run
+    t.skip_nonfinite = False    # skip updates whose loss or gradient is NaN/inf instead of stopping
     t.sample_prompt = "\n"
     t.sample_length = 200
     t.sample_temperature = 0.8
@@ -140,7 +146,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     m, o, t = config.model, config.optim, config.train
     for path in ("model.num_layers", "model.num_heads", "model.d_model", "model.context_length",
                  "train.steps", "train.batch_size", "optim.grad_accum_steps", "train.log_every",
-                 "train.eval_every", "train.eval_batches"):
+                 "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+                 "train.keep_checkpoints"):
         _check(_get(config, path) >= 1, f"config.{path}={_get(config, path)} must be >= 1")
     _check(m.d_model % m.num_heads == 0,
            f"config.model.num_heads={m.num_heads} does not divide config.model.d_model="
@@ -157,7 +164,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     _check(0.0 <= config.data.val_fraction < 1.0,
            f"config.data.val_fraction={config.data.val_fraction} must be in [0, 1)")
     for path in ("optim.learning_rate", "optim.min_learning_rate", "optim.weight_decay",
-                 "optim.grad_clip", "optim.warmup_steps", "train.z_loss"):
+                 "optim.grad_clip", "optim.warmup_steps", "optim.decay_steps", "train.z_loss",
+                 "train.checkpoint_every_minutes", "train.keep_every"):
         _check(_get(config, path) >= 0, f"config.{path}={_get(config, path)} must be >= 0")
     _check(o.min_learning_rate <= o.learning_rate,
            f"config.optim.min_learning_rate={o.min_learning_rate} exceeds "

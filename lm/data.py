@@ -109,10 +109,12 @@ class Corpus:
     val: np.ndarray
 
 
-def load_corpus(data: ConfigDict, seed: int) -> Corpus:
+def load_corpus(data: ConfigDict, seed: int, tokenizer: tokenizers.Tokenizer | None = None
+                ) -> Corpus:
+    """The corpus split and tokenized, with `tokenizer` or one fitted to the corpus."""
     docs = read_documents(data.path)
     train_docs, val_docs = split_documents(docs, data.val_fraction, seed)
-    tokenizer = tokenizers.fit_tokenizer(data.tokenizer, docs)
+    tokenizer = tokenizer or tokenizers.fit_tokenizer(data.tokenizer, docs)
     return Corpus(tokenizer, token_stream(train_docs, tokenizer), token_stream(val_docs, tokenizer))
 
 

@@ -186,6 +186,9 @@ class Transformer(nn.Module):
         """tokens [batch, length] int -> logits [batch, length, vocab] float32."""
         cfg = self.cfg
         batch, length = tokens.shape
+        if cfg.position == "learned" and length > cfg.context_length:
+            raise ValueError(f"{length} tokens exceed the learned position table's "
+                             f"context_length={cfg.context_length}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         if segment_ids is None:

@@ -63,8 +63,13 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 
 def train_step(state: TrainState, batch: Batch, *, model: Transformer,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, z_loss: float,
-               grad_accum_steps: int, dropout_seed: int | None) -> tuple[TrainState, Metrics]:
-    """One optimizer update on the global batch, accumulated over `grad_accum_steps` micro-batches."""
+               grad_accum_steps: int, dropout_seed: int | None, skip_nonfinite: bool = False
+               ) -> tuple[TrainState, Metrics]:
+    """One optimizer update on the global batch, accumulated over `grad_accum_steps` micro-batches.
+
+    `metrics["nonfinite"]` is 1 when the loss or the gradient is NaN/inf; with `skip_nonfinite` such
+    an update is dropped (the step count still advances, so the data moves on).
+    """
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
     def accumulate(carry, micro):
@@ -83,8 +88,13 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll_sum / count, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state.step), "tokens": count}
+    loss, grad_norm = nll_sum / count, optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "tokens": count, "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -100,6 +110,7 @@ class CompiledSteps:
     train: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
     eval: Callable[[Any, Batch], Metrics]
     state_sharding: Any
+    abstract_state: TrainState  # shapes, dtypes and shardings: the target for restoring
     compile_seconds: float
     memory_bytes_per_device: int | None
 
@@ -113,7 +124,8 @@ def _abstract_batch(mesh: Mesh, batch_size: int, length: int) -> Batch:
 
 def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
                   schedule: optax.Schedule, mesh: Mesh, *, seed: int, batch_size: int,
-                  z_loss: float = 0.0, grad_accum_steps: int = 1) -> CompiledSteps:
+                  z_loss: float = 0.0, grad_accum_steps: int = 1,
+                  skip_nonfinite: bool = False) -> CompiledSteps:
     """Compile init/train/eval for `mesh`. The state is created directly sharded, never whole."""
     length = model.cfg.context_length
     batch = _abstract_batch(mesh, batch_size, length)
@@ -126,12 +138,14 @@ def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
     state_sharding = sharding.tree_shardings(mesh, jax.eval_shape(init))
     train = functools.partial(
         train_step, model=model, optimizer=optimizer, schedule=schedule, z_loss=z_loss,
-        grad_accum_steps=grad_accum_steps, dropout_seed=seed if model.cfg.dropout > 0 else None)
+        grad_accum_steps=grad_accum_steps, dropout_seed=seed if model.cfg.dropout > 0 else None,
+        skip_nonfinite=skip_nonfinite)
     evaluate = functools.partial(eval_step, model=model)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         init_jit = jax.jit(lambda: nn.unbox(init()), out_shardings=state_sharding)
-        state_shape = jax.eval_shape(init_jit)
+        state_shape = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   jax.eval_shape(init_jit), state_sharding)
         init_fn = init_jit.lower().compile()
         start = time.perf_counter()
         train_fn = jax.jit(train, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
@@ -144,6 +158,7 @@ def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
     memory = train_fn.memory_analysis()
     return CompiledSteps(
         init=init_fn, train=train_fn, eval=eval_fn, state_sharding=state_sharding,
+        abstract_state=state_shape,
         compile_seconds=compile_seconds,
         memory_bytes_per_device=None if memory is None else (
             memory.argument_size_in_bytes + memory.output_size_in_bytes

@@ -6,18 +6,21 @@ parses flags and turns user errors into one-line messages.
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 from tqdm import tqdm
 
-from lm import data, flops, optim, sampling, sharding, step
+from lm import checkpoint, data, flops, optim, sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, parse_flags, validate
 from lm.metrics import MetricsWriter, console, format_metrics
@@ -55,11 +58,70 @@ def evaluate(steps: step.CompiledSteps, params, batches, mesh, global_rows: int)
     return nll / tokens
 
 
+class Preempted(Exception):
+    """SIGTERM arrived; the current step was saved."""
+
+
+# Fields that fix what a checkpoint means: resuming with other values would load nonsense.
+_FROZEN = ("model", "data.tokenizer", "data.path")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resumable(config: ConfigDict, workdir: Path) -> None:
+    """Refuse a config that changes what the workdir's checkpoints mean; log harmless changes."""
+    saved = workdir / "config.json"
+    if not saved.exists():
+        return
+    old, new = _flatten(json.loads(saved.read_text())), _flatten(json.loads(config.to_json()))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    frozen = [k for k in changed if k.startswith(_FROZEN)]
+    if frozen:
+        raise ConfigError(f"{workdir} was created with {frozen[0]}={old.get(frozen[0])!r}, not "
+                          f"{new.get(frozen[0])!r} ({len(frozen)} such fields differ); use a new "
+                          f"--workdir, or --config.train.init_from={workdir} to fine-tune from it")
+    for key in changed:
+        console(f"config change since this workdir was created: {key} {old.get(key)!r} -> "
+                f"{new.get(key)!r}")
+
+
+def _check_finite(metrics, step_number: int, skip: bool) -> None:
+    if float(jax.device_get(metrics["nonfinite"])):
+        if not skip:
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {step_number}; nothing from this step is "
+                f"saved. Lower config.optim.learning_rate, or set config.train.skip_nonfinite=True")
+        console(f"step {step_number}: non-finite loss or gradient, update skipped")
+
+
+def _catch_sigterm() -> tuple[threading.Event, Callable[[], None]]:
+    """An event set by SIGTERM (the preemption notice), and a function restoring the old handler."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return event, lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+    return event, lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Train `config` into `workdir`; returns the final train loss, val loss and baselines."""
+    """Train `config` into `workdir`, resuming from its latest checkpoint if it has one.
+
+    Returns the final train loss (None if no step ran), val loss and the unigram baseline.
+    """
     validate(config)
     workdir = Path(workdir)
-    corpus = data.load_corpus(config.data, config.seed)
+    _check_resumable(config, workdir)
+    saved_tokenizer = workdir / "tokenizer.json"
+    corpus = data.load_corpus(config.data, config.seed, tokenizers.load(saved_tokenizer)
+                              if saved_tokenizer.exists() else None)
     mesh = sharding.make_mesh(config)
     cfg = model_config(config, corpus.tokenizer.vocab_size, mesh.shape["tensor"])
     t = config.train
@@ -68,15 +130,28 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
 
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        tokenizers.save(corpus.tokenizer, workdir / "tokenizer.json")
+        if not (workdir / "config.json").exists():
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        tokenizers.save(corpus.tokenizer, saved_tokenizer)
 
     model = Transformer(cfg)
     schedule = optim.learning_rate_schedule(config.optim, t.steps)
     steps = step.compile_steps(model, optim.make_optimizer(config.optim, t.steps), schedule, mesh,
                                seed=config.seed, batch_size=t.batch_size, z_loss=t.z_loss,
-                               grad_accum_steps=config.optim.grad_accum_steps)
-    state = steps.init()
+                               grad_accum_steps=config.optim.grad_accum_steps,
+                               skip_nonfinite=t.skip_nonfinite)
+    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", t)
+    state = checkpointer.restore_latest(steps.abstract_state, train_iter)
+    if state is None:
+        state = steps.init()
+        if t.init_from:
+            state = state.replace(params=checkpoint.restore_params(
+                t.init_from, steps.abstract_state.params))
+            console(f"parameters initialised from {t.init_from}")
+    else:
+        console(f"resumed from step {int(state.step)} ({checkpointer.directory})")
+    start = int(state.step)
+
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     flops_per_token = flops.train_flops_per_token(cfg)
     peak = flops.peak_flops(list(mesh.devices.flat), t.peak_flops_per_device)
@@ -91,44 +166,61 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
 
     writer = MetricsWriter(workdir)
     tokens_per_step = t.batch_size * cfg.context_length
-    progress = tqdm(total=t.steps, desc="train", unit="step", dynamic_ncols=True,
+    progress = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                     disable=None if jax.process_index() == 0 else True)  # None: only on a terminal
-    last_time, last_step, val_loss, metrics = time.perf_counter(), 0, math.nan, {}
-    for i in range(1, t.steps + 1):
-        batch = sharding.global_batch(mesh, next(train_iter), t.batch_size)
-        state, metrics = steps.train(state, batch)
-        progress.update(1)
-        if i % t.log_every == 0 or i == t.steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            seconds_per_step = (now - last_time) / (i - last_step)
-            metrics["tokens_per_sec"] = tokens_per_step / seconds_per_step
-            if peak:
-                metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak
-            last_time, last_step = now, i
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss became {metrics['loss']} at step {i}; lower "
-                                         f"config.optim.learning_rate or raise warmup_steps")
-            writer.write(i, metrics)
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}",
-                                 tok_s=f"{metrics['tokens_per_sec']:,.0f}")
-            eta = time.strftime("%H:%M:%S", time.gmtime(seconds_per_step * (t.steps - i)))
-            console(f"step {i}/{t.steps}  {format_metrics(metrics)}  eta {eta}")
-        if i % t.eval_every == 0 or i == t.steps:
-            val_loss = evaluate(steps, state.params, val_batches, mesh, t.batch_size)
-            writer.write(i, {"val_loss": val_loss})
-            console(f"step {i}/{t.steps}  val_loss {val_loss:.4f}  (unigram baseline {unigram:.3f})")
-            last_time = time.perf_counter()  # evaluation time is not training throughput
-    progress.close()
-    writer.close()
+    last_time, last_step, val_loss, metrics, pending = time.perf_counter(), start, math.nan, {}, None
+    sigterm, restore_handler = _catch_sigterm()
+    try:
+        for i in range(start + 1, t.steps + 1):
+            batch = sharding.global_batch(mesh, next(train_iter), t.batch_size)
+            state, metrics = steps.train(state, batch)
+            if pending is not None:  # check the previous step while this one runs
+                _check_finite(pending, i - 1, t.skip_nonfinite)
+            pending = metrics
+            progress.update(1)
+            if i % t.log_every == 0 or i == t.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                seconds_per_step = (now - last_time) / (i - last_step)
+                metrics["tokens_per_sec"] = tokens_per_step / seconds_per_step
+                if peak:
+                    metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak
+                last_time, last_step = now, i
+                writer.write(i, metrics)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                     tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+                eta = time.strftime("%H:%M:%S", time.gmtime(seconds_per_step * (t.steps - i)))
+                console(f"step {i}/{t.steps}  {format_metrics(metrics)}  eta {eta}")
+            if i % t.eval_every == 0 or i == t.steps:
+                val_loss = evaluate(steps, state.params, val_batches, mesh, t.batch_size)
+                writer.write(i, {"val_loss": val_loss})
+                console(f"step {i}/{t.steps}  val_loss {val_loss:.4f}  (unigram baseline "
+                        f"{unigram:.3f})")
+                last_time = time.perf_counter()  # evaluation time is not training throughput
+            if checkpointer.should_save(i) or i == t.steps or sigterm.is_set():
+                _check_finite(pending, i, t.skip_nonfinite)
+                checkpointer.save(i, state, train_iter)
+            if sigterm.is_set():
+                checkpointer.wait()
+                raise Preempted(f"SIGTERM at step {i}: saved {checkpointer.directory / str(i)}; "
+                                f"rerun the same command to resume")
+        checkpointer.wait()
+    finally:
+        restore_handler()
+        progress.close()
+        writer.close()
+        checkpointer.close()
 
+    if start == t.steps:
+        console(f"{workdir} is already at step {start} of {t.steps}: nothing to train")
+        val_loss = evaluate(steps, state.params, val_batches, mesh, t.batch_size)
     prompt = corpus.tokenizer.encode(t.sample_prompt)
     text = corpus.tokenizer.decode(sampling.sample(
         model, state.params, prompt, t.sample_length, seed=config.seed,
         temperature=t.sample_temperature, top_k=t.sample_top_k,
         valid_vocab=corpus.tokenizer.vocab_size))
     console(f"sample ({t.sample_length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
-    return {"train_loss": metrics["loss"], "val_loss": val_loss, "unigram_baseline": unigram,
+    return {"train_loss": metrics.get("loss"), "val_loss": val_loss, "unigram_baseline": unigram,
             "steps": t.steps}
 
 
@@ -143,6 +235,9 @@ def main(argv: list[str]) -> None:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except Preempted as e:
+        console(str(e))
+        sys.exit(128 + signal.SIGTERM)
 
 
 def run() -> None:

@@ -1,0 +1,135 @@
+"""Checkpoints: asynchronous orbax saves of the train state and the data iterator's position.
+
+A checkpoint is `workdir/checkpoints/<step>/` with three items: `params`, `opt_state` and `data`
+(the grain iterator's state, so a resumed run reads exactly the next batch). The step is the
+directory's name and the state's own `step`. Orbax writes into a temporary directory and renames it
+when complete, so a killed save leaves nothing that looks finished. Restoring against abstract arrays
+that carry shardings reshards onto any mesh, each device reading only its own shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+from lm.config import ConfigError
+from lm.metrics import console
+from lm.step import TrainState
+
+policies = ocp.checkpoint_managers
+
+
+class Checkpointer:
+    """Periodic saves with a retention policy, and restore of the latest readable checkpoint."""
+
+    def __init__(self, directory: str | Path, train: ConfigDict):
+        save = [policies.FixedIntervalPolicy(train.checkpoint_every)]
+        if train.checkpoint_every_minutes:
+            save.append(policies.EveryNSeconds(int(train.checkpoint_every_minutes * 60)))
+        keep = [policies.LatestN(train.keep_checkpoints)]
+        if train.keep_every:
+            keep.append(policies.EveryNSteps(train.keep_every))
+        self.directory = Path(directory).resolve()
+        self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.AnySavePolicy(save),
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=True))
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return self._manager.should_save(step)
+
+    def save(self, step: int, state: TrainState, data_iter: Any) -> None:
+        """Start saving `state` (at `step`); returns at once while the write continues behind."""
+        if step in self._manager.all_steps():
+            return
+        self._manager.save(step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            data=grain.checkpoint.CheckpointSave(data_iter)))
+
+    def restore_latest(self, abstract_state: TrainState, data_iter: Any = None
+                       ) -> TrainState | None:
+        """The newest checkpoint that reads back whole; restores `data_iter`'s position in place
+        when one is given.
+
+        An unreadable one is renamed `<step>.unreadable` (kept for a human to look at, out of the way
+        of the run's own save of that step) and the one before it is tried.
+        """
+        for step in reversed(self.steps()):
+            try:
+                items = dict(params=ocp.args.StandardRestore(abstract_state.params),
+                             opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
+                if data_iter is not None:
+                    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+                items = self._manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # any damage: truncated files, missing items, bad metadata
+                self._set_aside(step, e)
+                continue
+            step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32),
+                                        abstract_state.step.sharding)
+            return TrainState(step=step_array, params=items.params, opt_state=items.opt_state)
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        path = self.directory / str(step)
+        target = path.with_name(f"{step}.unreadable")
+        suffix = 1
+        while target.exists():
+            target, suffix = path.with_name(f"{step}.unreadable{suffix}"), suffix + 1
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        console(f"warning: checkpoint {path} is unreadable ({reason}); moved to {target.name}, "
+                f"resuming from an earlier one")
+        if jax.process_index() == 0:
+            path.rename(target)
+        self._manager.reload()
+
+    def wait(self) -> None:
+        """Block until pending saves are on disk; re-raises a background save's error."""
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def restore_params(path: str | Path, abstract_params: Any) -> Any:
+    """Only the parameters of a checkpoint, for fine-tuning or evaluation.
+
+    `path` is a workdir (its latest checkpoint), a `checkpoints/` directory, or one step's directory.
+    """
+    path = Path(path).resolve()
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if not (path / "params").is_dir():
+        steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()), reverse=True)
+        if not steps:
+            raise ConfigError(f"{path}: no checkpoint found; pass a workdir with checkpoints or a "
+                              f"checkpoint step directory")
+        path = path / str(steps[0])
+    stored = ocp.StandardCheckpointer().metadata(path / "params")
+    stored = getattr(stored, "item_metadata", stored)
+    _check_shapes(stored, abstract_params, path)
+    return ocp.StandardCheckpointer().restore(path / "params", abstract_params)
+
+
+def _check_shapes(stored: Any, wanted: Any, path: Path) -> None:
+    flat_stored = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+    flat_wanted = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(wanted)}
+    problems = [f"{k} missing" for k in flat_wanted if k not in flat_stored]
+    problems += [f"{k} unexpected" for k in flat_stored if k not in flat_wanted]
+    problems += [f"{k} {tuple(flat_stored[k].shape)} vs {tuple(v.shape)}"
+                 for k, v in flat_wanted.items()
+                 if k in flat_stored and tuple(flat_stored[k].shape) != tuple(v.shape)]
+    if problems:
+        raise ConfigError(f"{path}: parameters do not match this model ({len(problems)} "
+                          f"differences; first: {'; '.join(problems[:3])}); use the same "
+                          f"config.model as the checkpoint's run")
+

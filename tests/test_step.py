@@ -1,0 +1,240 @@
+"""The compiled, sharded train step: it learns, it is the same computation on any mesh, it shards
+what the rules say, it accumulates exactly; plus the optimizer pieces and config validation."""
+
+import functools
+import math
+import re
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lm import optim, sharding, step
+from lm.config import ConfigError, default_config, mesh_shape, validate
+from lm.model import ModelConfig, Transformer
+
+VOCAB = 128
+LENGTH = 16
+BATCH = 8
+LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, tie_embeddings=False,
+             num_kv_heads=2)
+VARIANTS = {"gpt2": {}, "llama": LLAMA}
+ONE_DEVICE = (1, 1, 1)
+
+
+def run_config(variant="gpt2", mesh=ONE_DEVICE, **model_overrides):
+    c = default_config()
+    c.model.update(num_layers=2, d_model=32, num_heads=4, context_length=LENGTH)
+    c.model.update({**VARIANTS[variant], **model_overrides})
+    c.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh)))
+    c.optim.update(learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=2)
+    c.train.update(steps=200, batch_size=BATCH)
+    return c
+
+
+def compile_run(config):
+    """(mesh, CompiledSteps) for a run config, on as many devices as its mesh needs."""
+    devices = jax.devices()[:math.prod(config.mesh[a] for a in ("data", "fsdp", "tensor"))]
+    validate(config, len(devices))
+    mesh = sharding.make_mesh(config, devices)
+    model = Transformer(ModelConfig.from_config(config.model, VOCAB))
+    total = config.train.steps
+    steps = step.compile_steps(
+        model, optim.make_optimizer(config.optim, total),
+        optim.learning_rate_schedule(config.optim, total), mesh, seed=config.seed,
+        batch_size=config.train.batch_size, grad_accum_steps=config.optim.grad_accum_steps)
+    return mesh, steps
+
+
+@functools.cache  # compiling is most of these tests' time: runs with the same settings share it
+def compiled(variant="gpt2", mesh=ONE_DEVICE, grad_accum_steps=1):
+    config = run_config(variant, mesh)
+    config.optim.grad_accum_steps = grad_accum_steps
+    return compile_run(config)
+
+
+def make_batch(seed=0, lengths=(16, 3, 9, 16, 1, 12, 7, 14)):
+    """Random tokens; row i scores its first lengths[i] positions, as padded rows do. The uneven
+    counts make a mean of per-row or per-micro-batch means differ from the mean over tokens."""
+    tokens = np.random.default_rng(seed).integers(0, VOCAB, (BATCH, LENGTH + 1), dtype=np.int32)
+    mask = (np.arange(LENGTH) < np.array(lengths)[:, None]).astype(np.float32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+
+
+def train(mesh, steps, batch, num_steps):
+    """The final state and each step's metrics, from a fresh init."""
+    state, batch = steps.init(), sharding.global_batch(mesh, batch, BATCH)
+    history = []
+    for _ in range(num_steps):
+        state, metrics = steps.train(state, batch)
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+def assert_trees_close(actual, expected, atol, rtol=0.0):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
+                            jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=rtol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_tiny_model_overfits_one_batch():
+    mesh, steps = compiled()
+    batch = make_batch(seed=1, lengths=[LENGTH] * BATCH)
+    state, history = train(mesh, steps, batch, 150)
+    assert history[0]["loss"] == pytest.approx(math.log(VOCAB), abs=0.1)
+    assert history[-1]["loss"] < 0.3
+    evaluated = jax.device_get(steps.eval(state.params, sharding.global_batch(mesh, batch, BATCH)))
+    assert evaluated["nll"] / evaluated["tokens"] < 0.3
+
+
+@pytest.mark.parametrize("variant, mesh", [
+    ("gpt2", (8, 1, 1)), ("gpt2", (1, 8, 1)), ("gpt2", (2, 1, 4)), ("gpt2", (2, 2, 2)),
+    ("llama", (2, 2, 2))], ids=lambda x: x if isinstance(x, str) else "x".join(map(str, x)))
+def test_sharded_training_matches_one_device(variant, mesh):
+    # Three steps: warmup starts at a learning rate of 0, so the params move from the second on.
+    batch = make_batch()
+    expected_state, expected = train(*compiled(variant, ONE_DEVICE), batch, 3)
+    state, history = train(*compiled(variant, mesh), batch, 3)
+    for got, want in zip(history, expected):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert_trees_close(jax.device_get(state.params), jax.device_get(expected_state.params),
+                       atol=1e-5)
+
+
+def test_parameters_and_optimizer_state_are_sharded_by_the_rules():
+    _, steps = compiled("gpt2", (2, 2, 2))
+    state = steps.init()
+    # Full sizes: layers=2, embed=32, heads=4, head_dim=8, mlp=128, vocab=128, positions=16; a
+    # device holds half of every axis split over fsdp or tensor (each 2 here), all of the others.
+    expected = {
+        ("layers", "attn", "query", "kernel"): (P(None, "fsdp", "tensor", None), (2, 16, 2, 8)),
+        ("layers", "attn", "out", "kernel"): (P(None, "tensor", None, "fsdp"), (2, 2, 8, 16)),
+        ("layers", "mlp", "up", "kernel"): (P(None, "fsdp", "tensor"), (2, 16, 64)),
+        ("layers", "mlp", "down", "kernel"): (P(None, "tensor", "fsdp"), (2, 64, 16)),
+        ("layers", "attn_norm", "scale"): (P(None, "fsdp"), (2, 16)),
+        ("embed",): (P("tensor", "fsdp"), (64, 16)),
+        ("pos_embed",): (P(None, "fsdp"), (16, 16)),
+    }
+    adam = [optax.tree_utils.tree_get(state.opt_state, name) for name in ("mu", "nu")]
+    for path, (spec, shard_shape) in expected.items():
+        for tree in (state.params, *adam):
+            leaf = functools.reduce(lambda node, key: node[key], path, tree)
+            assert leaf.sharding.spec == spec, path
+            assert leaf.addressable_shards[0].data.shape == shard_shape, path
+
+
+def test_accumulating_micro_batches_equals_one_full_batch_step():
+    batch = make_batch()
+    expected_state, expected = train(*compiled("gpt2", (2, 1, 4)), batch, 2)
+    state, history = train(*compiled("gpt2", (2, 1, 4), grad_accum_steps=4), batch, 2)
+    for got, want in zip(history, expected):
+        assert got["tokens"] == want["tokens"] == sum(batch["mask"].ravel())
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert_trees_close(jax.device_get(state.params), jax.device_get(expected_state.params),
+                       atol=1e-6, rtol=1e-5)
+
+
+def decayed(mask):
+    """The '/'-joined paths of the leaves a weight-decay mask marks True."""
+    return {"/".join(k.key for k in path)
+            for path, on in jax.tree_util.tree_flatten_with_path(mask)[0] if on}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_weight_decay_applies_to_kernels_and_optionally_embeddings(variant, decay_embeddings):
+    model = Transformer(ModelConfig.from_config(run_config(variant).model, VOCAB))
+    boxed = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, LENGTH), np.int32))["params"]
+    kernels = {f"layers/{module}/kernel" for module in
+               ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/up", "mlp/down")}
+    if variant == "gpt2":
+        embeddings = {"embed", "pos_embed"}
+    else:
+        kernels |= {"layers/mlp/gate/kernel", "lm_head/kernel"}
+        embeddings = {"embed"}
+    expected = kernels | embeddings if decay_embeddings else kernels
+    assert decayed(optim.weight_decay_mask(nn.unbox(boxed), decay_embeddings)) == expected
+    # The optimizer is initialised with boxed (nn.Partitioned) params: same answer through the box.
+    assert decayed(nn.unbox(optim.weight_decay_mask(boxed, decay_embeddings))) == expected
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("decay_steps", [0, 60])  # 0: decay over the run's 100 steps
+def test_learning_rate_warms_up_to_the_peak_then_decays_to_the_floor(schedule, decay_steps):
+    c = default_config().optim
+    c.update(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, schedule=schedule,
+             decay_steps=decay_steps)
+    lr = optim.learning_rate_schedule(c, total_steps=100)
+    end = decay_steps or 100
+    rate = lambda s: float(lr(s))
+    assert rate(0) == 0.0
+    assert rate(5) == pytest.approx(5e-4, rel=1e-5)
+    assert rate(10) == pytest.approx(1e-3, rel=1e-5)
+    # Halfway through the decay both shapes are halfway between peak and floor.
+    assert rate((10 + end) / 2) == pytest.approx(5.5e-4, rel=1e-4)
+    rates = [rate(s) for s in range(10, end + 1)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    for s in (end, end + 1, 100, 1000):
+        assert rate(s) == pytest.approx(1e-4, rel=1e-5), s
+
+
+def test_dropout_masks_differ_between_steps_and_repeat_with_the_seed():
+    # A large init makes the logits, and so the loss, sensitive to which activations are dropped;
+    # a zero learning rate keeps the params fixed, so losses can differ only through dropout.
+    config = run_config("gpt2", (2, 2, 2), dropout=0.1, init_std=0.5)
+    config.optim.update(learning_rate=0.0, min_learning_rate=0.0)
+    batch = make_batch()
+    mesh, steps = compile_run(config)
+    state, history = train(mesh, steps, batch, 2)
+    _, repeat = train(*compile_run(config), batch, 2)
+    clean = jax.device_get(steps.eval(state.params, sharding.global_batch(mesh, batch, BATCH)))
+    losses = [m["loss"] for m in history]
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3)
+    for loss in losses:
+        assert loss != pytest.approx(clean["nll"] / clean["tokens"], rel=1e-3)
+    assert [m["loss"] for m in repeat] == losses
+
+
+def valid_config():
+    c = run_config("gpt2", (2, 2, 2))
+    validate(c, num_devices=8)  # the baseline passes, so each error below comes from its change
+    return c
+
+
+@pytest.mark.parametrize("field, value, names", [
+    ("model.num_heads", 5, "config.model.num_heads=5"),
+    ("mesh.data", 4, "config.mesh"),
+    ("train.batch_size", 6, "config.train.batch_size=6"),
+    ("optim.learning_rate", -1e-3, "config.optim.learning_rate=-0.001"),
+    ("model.num_kv_heads", 1, "config.model.num_kv_heads=1"),
+])
+def test_validate_names_the_field_of_an_invalid_config(field, value, names):
+    c = valid_config()
+    section, key = field.split(".")
+    c[section][key] = value
+    with pytest.raises(ConfigError, match=re.escape(names)):
+        validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("axes, expected", [
+    ((-1, 1, 1), (8, 1, 1)), ((-1, 2, 2), (2, 2, 2)), ((2, -1, 1), (2, 4, 1)),
+    ((1, 2, -1), (1, 2, 4)), ((2, 2, 2), (2, 2, 2))])
+def test_mesh_shape_fills_the_free_axis_from_the_device_count(axes, expected):
+    c = default_config()
+    c.mesh.update(dict(zip(("data", "fsdp", "tensor"), axes)))
+    assert mesh_shape(c, 8) == expected
+
+
+@pytest.mark.parametrize("axes", [(-1, 3, 1), (-1, -1, 1), (0, 8, 1)])
+def test_mesh_shape_rejects_axes_that_cannot_fill_the_devices(axes):
+    c = default_config()
+    c.mesh.update(dict(zip(("data", "fsdp", "tensor"), axes)))
+    with pytest.raises(ConfigError, match="mesh"):
+        mesh_shape(c, 8)
