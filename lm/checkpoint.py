@@ -15,6 +15,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from ml_collections import ConfigDict
 
 from lm.config import ConfigError
@@ -114,10 +115,15 @@ def restore_params(path: str | Path, abstract_params: Any) -> Any:
             raise ConfigError(f"{path}: no checkpoint found; pass a workdir with checkpoints or a "
                               f"checkpoint step directory")
         path = path / str(steps[0])
-    stored = ocp.StandardCheckpointer().metadata(path / "params")
-    stored = getattr(stored, "item_metadata", stored)
-    _check_shapes(stored, abstract_params, path)
-    return ocp.StandardCheckpointer().restore(path / "params", abstract_params)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a manager's item has no step metadata
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        stored = checkpointer.metadata(path / "params")
+        _check_shapes(getattr(stored, "item_metadata", stored), abstract_params, path)
+        return checkpointer.restore(path / "params", abstract_params)
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _check_shapes(stored: Any, wanted: Any, path: Path) -> None:

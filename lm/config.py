@@ -12,7 +12,7 @@ from typing import Sequence
 
 import jax
 from absl import flags
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_flags
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,7 @@ def default_config() -> ConfigDict:
     m.norm_eps = 1e-5
     m.position = "learned"      # learned | rope
     m.rope_theta = 10000.0
-    m.mlp = "gelu"              # gelu | swiglu
+    m.mlp = "gelu"              # gelu (tanh approximation, GPT-2) | gelu_exact (erf) | swiglu
     m.use_bias = True
     m.tie_embeddings = True
     m.init_std = 0.02
@@ -95,7 +95,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.position": ("learned", "rope"),
-    "model.mlp": ("gelu", "swiglu"),
+    "model.mlp": ("gelu", "gelu_exact", "swiglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -184,14 +184,33 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
            f"config.model.d_model={m.d_model} must be divisible by config.mesh.fsdp={fsdp}")
 
 
+def load_config_flag(flag: flags.FlagHolder) -> ConfigDict:
+    """The config of a `config_flags.DEFINE_config_file` flag, or a one-line error and exit."""
+    config = flag.value
+    if isinstance(config, ConfigDict):
+        return config
+    try:  # ml_collections stands in an object that raises the load error on first use
+        config.to_dict()
+    except OSError as e:
+        reason = str(e).strip().splitlines()[-1].strip()
+    sys.exit(f"error: --config={config_flags.get_config_filename(flags.FLAGS[flag.name])}: "
+             f"cannot load it ({reason}); pass a config file such as configs/quickstart.py")
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl flag parsing that turns an unknown `--config.x.y` into a one-line error."""
+    """absl flag parsing whose every failure is a one-line error, never a traceback."""
     try:
         return flags.FLAGS(argv)
+    except flags.Error as e:  # a malformed value, e.g. --config.train.steps=abc
+        sys.exit(f"error: {e}")
+    except SyntaxError as e:  # in the --config file
+        sys.exit(f"error: {e.filename}:{e.lineno}: {e.msg}; fix the config file")
     except (AttributeError, KeyError) as e:  # ml_collections' report of a missing field
-        missing = re.findall(r"'([A-Za-z_0-9]+)'", str(e))
-        bad = [a for a in argv[1:] if a.startswith("--config.") and missing
-               and re.search(rf"\.{missing[0]}(=|$|\.)", a.split("=")[0] + "=")]
-        where = bad[0].split("=")[0] if bad else "a --config override"
-        sys.exit(f"error: {where}: unknown config field {missing[0] if missing else e}; "
-                 f"the fields are listed in lm/config.py")
+        field = re.search(r"[A-Za-z_]\w*", str(e))
+        field = field.group() if field else "?"
+        suggestion = re.search(r'Did you mean "(\w+)"', str(e))
+        hint = f'did you mean "{suggestion.group(1)}"? ' if suggestion else ""
+        bad = [a.split("=")[0] for a in argv[1:]
+               if re.fullmatch(rf"--config(\.\w+)*\.{field}(\.\w+)*", a.split("=")[0])]
+        sys.exit(f"error: {bad[0] if bad else '--config'}: unknown config field '{field}'; "
+                 f"{hint}the fields are listed in lm/config.py")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,46 @@ def format_metrics(metrics: dict[str, float]) -> str:
         else:
             parts.append(f"{name} {value:.4g}")
     return "  ".join(parts)
+
+
+class Reporter:
+    """A run's progress: bar (on a terminal), console lines, metrics file; throughput and MFU."""
+
+    def __init__(self, workdir: Path, start: int, total: int, tokens_per_step: int,
+                 flops_per_token: float, peak_flops: float | None):
+        self.total, self.tokens_per_step = total, tokens_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.writer = MetricsWriter(workdir)
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                        disable=None if jax.process_index() == 0 else True)  # None: terminal only
+        self._mark(start)
+
+    def _mark(self, step: int) -> None:
+        """Start a new throughput interval at `step` (after a pause such as evaluation)."""
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def train(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        seconds_per_step = (time.perf_counter() - self._last_time) / (step - self._last_step)
+        metrics["tokens_per_sec"] = self.tokens_per_step / seconds_per_step
+        if self.peak_flops:
+            metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / self.peak_flops
+        self._mark(step)
+        self.writer.write(step, metrics)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+        eta = time.strftime("%H:%M:%S", time.gmtime(seconds_per_step * (self.total - step)))
+        console(f"step {step}/{self.total}  {format_metrics(metrics)}  eta {eta}")
+        return metrics
+
+    def eval(self, step: int, val_loss: float, baseline: float) -> None:
+        self.writer.write(step, {"val_loss": val_loss})
+        console(f"step {step}/{self.total}  val_loss {val_loss:.4f}  (unigram baseline "
+                f"{baseline:.3f})")
+        self._mark(step)  # evaluation time is not training throughput
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()

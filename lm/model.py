@@ -51,8 +51,8 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in model.items() if k in names}
         if not model.d_ff:  # LLaMA keeps SwiGLU's parameter count near a 4x GELU MLP's
-            fields["d_ff"] = (4 * model.d_model if model.mlp == "gelu"
-                              else -(-8 * model.d_model // 3 // 256) * 256)
+            fields["d_ff"] = (-(-8 * model.d_model // 3 // 256) * 256 if model.mlp == "swiglu"
+                              else 4 * model.d_model)
         fields.update(vocab_size=vocab_size, num_kv_heads=model.num_kv_heads or model.num_heads)
         return cls(**fields)
 
@@ -157,7 +157,9 @@ class Mlp(nn.Module):
             gate = Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="gate")(x)
             h = nn.silu(gate) * Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x)
         else:
-            h = nn.gelu(Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x))
+            # GPT-2 uses the tanh approximation of GELU; PyTorch's nn.GELU (nanoGPT) the exact erf.
+            h = nn.gelu(Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x),
+                        approximate=cfg.mlp == "gelu")
         h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
         return Dense(cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down")(h)
 

@@ -11,19 +11,17 @@ import math
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
 import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
-from tqdm import tqdm
 
 from lm import checkpoint, data, flops, optim, sampling, sharding, step
 from lm import tokenizer as tokenizers
-from lm.config import ConfigError, parse_flags, validate
-from lm.metrics import MetricsWriter, console, format_metrics
+from lm.config import ConfigError, load_config_flag, parse_flags, validate
+from lm.metrics import Reporter, console
 from lm.model import ModelConfig, Transformer
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
@@ -111,6 +109,21 @@ def _catch_sigterm() -> tuple[threading.Event, Callable[[], None]]:
     return event, lambda: signal.signal(signal.SIGTERM, previous)
 
 
+def _restore_or_init(steps: step.CompiledSteps, checkpointer: checkpoint.Checkpointer,
+                     train_iter, init_from: str) -> step.TrainState:
+    """The latest checkpoint's state; else a fresh one, with `init_from`'s parameters if given."""
+    state = checkpointer.restore_latest(steps.abstract_state, train_iter)
+    if state is not None:
+        console(f"resumed from step {int(state.step)} ({checkpointer.directory})")
+        return state
+    state = steps.init()
+    if init_from:
+        state = state.replace(params=checkpoint.restore_params(init_from,
+                                                               steps.abstract_state.params))
+        console(f"parameters initialised from {init_from}")
+    return state
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Train `config` into `workdir`, resuming from its latest checkpoint if it has one.
 
@@ -141,34 +154,22 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
                                grad_accum_steps=config.optim.grad_accum_steps,
                                skip_nonfinite=t.skip_nonfinite)
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", t)
-    state = checkpointer.restore_latest(steps.abstract_state, train_iter)
-    if state is None:
-        state = steps.init()
-        if t.init_from:
-            state = state.replace(params=checkpoint.restore_params(
-                t.init_from, steps.abstract_state.params))
-            console(f"parameters initialised from {t.init_from}")
-    else:
-        console(f"resumed from step {int(state.step)} ({checkpointer.directory})")
+    state = _restore_or_init(steps, checkpointer, train_iter, t.init_from)
     start = int(state.step)
 
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    flops_per_token = flops.train_flops_per_token(cfg)
-    peak = flops.peak_flops(list(mesh.devices.flat), t.peak_flops_per_device)
     unigram = data.unigram_cross_entropy(corpus.train, corpus.val, cfg.vocab_size)
-    console(f"model: {num_params:,} parameters, {cfg.num_layers} layers, d_model {cfg.d_model}, "
-            f"vocab {cfg.vocab_size} (tokenizer {corpus.tokenizer.vocab_size})")
+    console(f"model: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
+            f"{cfg.num_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size} "
+            f"(tokenizer {corpus.tokenizer.vocab_size})")
     console(f"data: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
             f"unigram baseline {unigram:.3f} nats/token")
     console(f"mesh: {dict(mesh.shape)} on {mesh.devices.flat[0].platform}; step compiled in "
             f"{steps.compile_seconds:.1f}s, ~{(steps.memory_bytes_per_device or 0) / 2**20:,.0f} "
             f"MiB/device")
-
-    writer = MetricsWriter(workdir)
-    tokens_per_step = t.batch_size * cfg.context_length
-    progress = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                    disable=None if jax.process_index() == 0 else True)  # None: only on a terminal
-    last_time, last_step, val_loss, metrics, pending = time.perf_counter(), start, math.nan, {}, None
+    report = Reporter(workdir, start, t.steps, t.batch_size * cfg.context_length,
+                      flops.train_flops_per_token(cfg),
+                      flops.peak_flops(list(mesh.devices.flat), t.peak_flops_per_device))
+    val_loss, metrics, pending = math.nan, {}, None
     sigterm, restore_handler = _catch_sigterm()
     try:
         for i in range(start + 1, t.steps + 1):
@@ -177,26 +178,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
             if pending is not None:  # check the previous step while this one runs
                 _check_finite(pending, i - 1, t.skip_nonfinite)
             pending = metrics
-            progress.update(1)
+            report.step()
             if i % t.log_every == 0 or i == t.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                seconds_per_step = (now - last_time) / (i - last_step)
-                metrics["tokens_per_sec"] = tokens_per_step / seconds_per_step
-                if peak:
-                    metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak
-                last_time, last_step = now, i
-                writer.write(i, metrics)
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}",
-                                     tok_s=f"{metrics['tokens_per_sec']:,.0f}")
-                eta = time.strftime("%H:%M:%S", time.gmtime(seconds_per_step * (t.steps - i)))
-                console(f"step {i}/{t.steps}  {format_metrics(metrics)}  eta {eta}")
+                metrics = report.train(i, metrics)
             if i % t.eval_every == 0 or i == t.steps:
                 val_loss = evaluate(steps, state.params, val_batches, mesh, t.batch_size)
-                writer.write(i, {"val_loss": val_loss})
-                console(f"step {i}/{t.steps}  val_loss {val_loss:.4f}  (unigram baseline "
-                        f"{unigram:.3f})")
-                last_time = time.perf_counter()  # evaluation time is not training throughput
+                report.eval(i, val_loss, unigram)
             if checkpointer.should_save(i) or i == t.steps or sigterm.is_set():
                 _check_finite(pending, i, t.skip_nonfinite)
                 checkpointer.save(i, state, train_iter)
@@ -207,8 +194,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
         checkpointer.wait()
     finally:
         restore_handler()
-        progress.close()
-        writer.close()
+        report.close()
         checkpointer.close()
 
     if start == t.steps:
@@ -232,7 +218,7 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         sys.exit("error: --workdir is required (the directory for checkpoints, metrics and logs)")
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(load_config_flag(_CONFIG), _WORKDIR.value)
     except (ConfigError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except Preempted as e:

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from trees import assert_trees_close
+
 from lm import checkpoint, optim, sharding, step
 from lm.config import ConfigError
 from lm.model import ModelConfig, Transformer
@@ -52,11 +54,6 @@ def params_of(workdir, config):
     return jax.device_get(checkpoint.restore_params(workdir, abstract))
 
 
-def assert_trees_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -69,7 +66,7 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_run(corpus, uninte
     train_and_evaluate(make_config(corpus, 40), tmp_path)
     expected, resumed = losses(uninterrupted), losses(tmp_path)
     assert [resumed[s] for s in range(21, 41)] == [expected[s] for s in range(21, 41)]
-    assert_trees_equal(params_of(tmp_path, make_config(corpus, 40)),
+    assert_trees_close(params_of(tmp_path, make_config(corpus, 40)),
                        params_of(uninterrupted, make_config(corpus, 40)))
 
 
@@ -157,7 +154,7 @@ def test_checkpoint_from_fsdp8_restores_onto_other_meshes(fsdp8_run, mesh):
     state = checkpointer.restore_latest(compiled.abstract_state)
     checkpointer.close()
     assert int(state.step) == 10
-    assert_trees_equal(jax.device_get(state.params), saved)
+    assert_trees_close(jax.device_get(state.params), saved)
     for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(compiled.state_sharding)):
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
 
@@ -168,7 +165,7 @@ def test_init_from_loads_parameters_and_a_mismatched_model_is_refused(corpus, un
     config.optim.update(learning_rate=0.0, min_learning_rate=0.0)  # the step leaves params alone
     train_and_evaluate(config, tmp_path / "finetune")
     assert losses(tmp_path / "finetune")[1] != losses(uninterrupted)[1]
-    assert_trees_equal(params_of(tmp_path / "finetune", config), params_of(uninterrupted, config))
+    assert_trees_close(params_of(tmp_path / "finetune", config), params_of(uninterrupted, config))
 
     config.model.num_layers = 3
     with pytest.raises(ConfigError, match=r"parameters do not match.*layers"):

@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 
+from trees import assert_trees_close
+
 from lm.config import default_config
 from lm.model import ModelConfig, Transformer
 
@@ -64,14 +66,6 @@ def next_token_loss(cfg, params, tokens):
 
 mean_loss = jax.jit(next_token_loss, static_argnums=0)
 gradients = jax.jit(jax.grad(next_token_loss, argnums=1), static_argnums=0)
-
-
-def assert_trees_close(actual, expected, atol, rtol=0.0):
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
-                            jax.tree.leaves(expected)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=rtol,
-                                   err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -12,6 +12,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from trees import assert_trees_close
+
 from lm import optim, sharding, step
 from lm.config import ConfigError, default_config, mesh_shape, validate
 from lm.model import ModelConfig, Transformer
@@ -72,14 +74,6 @@ def train(mesh, steps, batch, num_steps):
         state, metrics = steps.train(state, batch)
         history.append(jax.device_get(metrics))
     return state, history
-
-
-def assert_trees_close(actual, expected, atol, rtol=0.0):
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
-                            jax.tree.leaves(expected)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=rtol,
-                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_a_tiny_model_overfits_one_batch():
@@ -238,3 +232,19 @@ def test_mesh_shape_rejects_axes_that_cannot_fill_the_devices(axes):
     c.mesh.update(dict(zip(("data", "fsdp", "tensor"), axes)))
     with pytest.raises(ConfigError, match="mesh"):
         mesh_shape(c, 8)
+
+
+def test_loss_is_the_masked_token_mean_and_z_loss_adds_mean_squared_log_normaliser():
+    cfg = ModelConfig.from_config(run_config().model, VOCAB)
+    model = Transformer(cfg)
+    batch = make_batch()
+    params = model.init(jax.random.key(0), batch["inputs"])["params"]
+    logits = np.asarray(model.apply({"params": params}, batch["inputs"]), np.float64)
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = log_z - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+    weights = batch["mask"]
+
+    objective, (nll_sum, count) = step.loss_sums(nn.unbox(params), model, batch, 1e-2, None)
+    assert count == weights.sum()
+    np.testing.assert_allclose(nll_sum / count, (nll * weights).sum() / weights.sum(), rtol=1e-6)
+    np.testing.assert_allclose(objective - nll_sum, 1e-2 * (log_z ** 2 * weights).sum(), rtol=1e-5)

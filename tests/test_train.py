@@ -42,6 +42,8 @@ def test_train_binary_writes_config_metrics_events_and_tokenizer(tmp_path):
     ("--config.data.path=/no/such/corpus.txt", "config.data.path='/no/such/corpus.txt'"),
     ("--config.model.no_such_field=1", "--config.model.no_such_field"),
     ("--config.model.norm=batchnorm", "config.model.norm='batchnorm'"),
+    ("--config.train.steps=abc", "--config.train.steps=abc"),
+    ("--config=configs/no_such_config.py", "--config=configs/no_such_config.py"),
 ])
 def test_bad_input_is_a_one_line_error_naming_the_field(tmp_path, override, names):
     result = run_train(tmp_path / "run", override)
