@@ -48,7 +48,7 @@ def default_config() -> ConfigDict:
 
     c.data = d = ConfigDict()
     d.path = "builtin:python_docs"  # file, directory or glob (comma-separated), or builtin:python_docs
-    d.tokenizer = "char"            # char | byte
+    d.tokenizer = "char"            # char | byte | train:N (sentencepiece, N pieces) | a .model path
     d.val_fraction = 0.1            # held out by document; a single document is split at its end
 
     c.optim = o = ConfigDict()
@@ -99,7 +99,6 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "data.tokenizer": ("char", "byte"),
 }
 
 
@@ -161,6 +160,11 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     _check(m.remat_policy == "none" or hasattr(jax.checkpoint_policies, m.remat_policy),
            f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
            f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")
+    tok = config.data.tokenizer
+    _check(tok in ("char", "byte") or tok.endswith(".model")
+           or re.fullmatch(r"train:[1-9]\d*", tok) is not None,
+           f"config.data.tokenizer={tok!r} is not char, byte, train:N or a sentencepiece .model "
+           f"path")
     _check(0.0 <= config.data.val_fraction < 1.0,
            f"config.data.val_fraction={config.data.val_fraction} must be in [0, 1)")
     for path in ("optim.learning_rate", "optim.min_learning_rate", "optim.weight_decay",

@@ -114,7 +114,10 @@ def load_corpus(data: ConfigDict, seed: int, tokenizer: tokenizers.Tokenizer | N
     """The corpus split and tokenized, with `tokenizer` or one fitted to the corpus."""
     docs = read_documents(data.path)
     train_docs, val_docs = split_documents(docs, data.val_fraction, seed)
-    tokenizer = tokenizer or tokenizers.fit_tokenizer(data.tokenizer, docs)
+    # A trained vocabulary sees only the training split; a character vocabulary must cover every
+    # character the validation split holds as well.
+    fit_on = docs if data.tokenizer == "char" else train_docs
+    tokenizer = tokenizer or tokenizers.fit_tokenizer(data.tokenizer, fit_on)
     return Corpus(tokenizer, token_stream(train_docs, tokenizer), token_stream(val_docs, tokenizer))
 
 

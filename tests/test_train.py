@@ -43,6 +43,8 @@ def test_train_binary_writes_config_metrics_events_and_tokenizer(tmp_path):
     ("--config.model.no_such_field=1", "--config.model.no_such_field"),
     ("--config.model.norm=batchnorm", "config.model.norm='batchnorm'"),
     ("--config.train.steps=abc", "--config.train.steps=abc"),
+    ("--config.data.tokenizer=wordpiece", "config.data.tokenizer='wordpiece'"),
+    ("--config.data.tokenizer=/no/such/spm.model", "/no/such/spm.model does not exist"),
     ("--config=configs/no_such_config.py", "--config=configs/no_such_config.py"),
 ])
 def test_bad_input_is_a_one_line_error_naming_the_field(tmp_path, override, names):

@@ -1,0 +1,122 @@
+"""Tokenizers: exact round trips on any Unicode, sentencepiece training from Python and the shell."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lm import tokenizer as tokenizers
+from lm.config import ConfigError, default_config
+from lm.train import model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LINES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Le cœur a ses raisons que la raison ne connaît point.",
+    "Съешь же ещё этих мягких французских булок.",
+    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+    "いろはにほへと ちりぬるを わかよたれそ つねならむ",
+    "الحمد لله رب العالمين",
+    "emoji 🎉🚀 and flags 🇫🇷, family 👨‍👩‍👧",
+]
+HARD = [
+    "a\tb\r\nc\x00d\x07 double  spaces   and trailing  ",
+    "combining: e\u0301 n\u0303 \u0915\u094d\u0937, zero width: a\u200bb",
+    "never seen: ☃ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ 🦑",
+    "\n\nleading newlines and a lone surrogate-free astral 𐍈",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece():
+    return tokenizers.train_sentencepiece(LINES * 50, vocab_size=400)
+
+
+@pytest.mark.parametrize("text", LINES + HARD)
+def test_sentencepiece_round_trips_any_text_exactly(sentencepiece, text):
+    assert sentencepiece.decode(sentencepiece.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", LINES + HARD)
+def test_byte_tokenizer_round_trips_any_text_exactly(text):
+    byte = tokenizers.ByteTokenizer()
+    assert byte.decode(byte.encode(text)) == text
+
+
+def test_char_tokenizer_round_trips_its_corpus_and_names_an_unseen_character():
+    char = tokenizers.CharTokenizer.fit(LINES)
+    assert all(char.decode(char.encode(line)) == line for line in LINES)
+    with pytest.raises(ConfigError, match="'☃' is not in this run's character vocabulary"):
+        char.encode("☃")
+
+
+def test_saved_tokenizers_load_back_identical(sentencepiece, tmp_path):
+    for tokenizer in (sentencepiece, tokenizers.CharTokenizer.fit(LINES),
+                      tokenizers.ByteTokenizer()):
+        tokenizers.save(tokenizer, tmp_path / "tokenizer.json")
+        loaded = tokenizers.load(tmp_path / "tokenizer.json")
+        assert loaded.to_json() == tokenizer.to_json()
+        assert list(loaded.encode(LINES[3])) == list(tokenizer.encode(LINES[3]))
+
+
+def test_sentencepiece_reserves_special_ids_and_user_symbols(sentencepiece):
+    assert (sentencepiece.bos_id, sentencepiece.eos_id, sentencepiece.pad_id) == (1, 2, 3)
+    assert sentencepiece.vocab_size == 400
+    special = tokenizers.train_sentencepiece(LINES * 50, 400, user_defined_symbols=["<sep>"])
+    assert list(special.encode("<sep>")) == [4]
+    assert len(special.encode_batch(["a b", "c"])) == 2
+
+
+def test_a_vocabulary_the_corpus_cannot_support_is_a_clear_error():
+    with pytest.raises(ConfigError, match="cannot train a vocabulary of 50"):
+        tokenizers.train_sentencepiece(LINES * 50, vocab_size=50)
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_tokenizer_cli_trains_a_model_that_loads_and_round_trips(tmp_path, model_type):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, line in enumerate(LINES):
+        (corpus / f"{i}.txt").write_text(line * 40 + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "lm.tokenizer", f"--input={corpus}/*.txt",
+         f"--model_prefix={tmp_path}/spm/model", "--vocab_size=390",
+         f"--model_type={model_type}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    tokenizer = tokenizers.SentencePieceTokenizer.from_file(tmp_path / "spm" / "model.model")
+    assert tokenizer.vocab_size == 390
+    assert all(tokenizer.decode(tokenizer.encode(t)) == t for t in LINES + HARD)
+
+
+def test_tokenizer_cli_rejects_a_glob_matching_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lm.tokenizer", f"--input={tmp_path}/none/*.txt",
+         f"--model_prefix={tmp_path}/m"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --input=")
+
+
+def test_model_vocabulary_is_padded_or_checked_against_the_tokenizer():
+    config = default_config()
+    assert model_config(config, 500, tensor=1).vocab_size == 512
+    config.model.vocab_size = 300
+    with pytest.raises(ConfigError, match="vocab_size=300 is smaller than the tokenizer's 500"):
+        model_config(config, 500, tensor=1)
+
+
+def test_train_n_in_the_config_trains_on_the_training_split_only(tmp_path):
+    from lm import data
+
+    docs = [f"document {i}: " + LINES[i % len(LINES)] * 5 for i in range(40)]
+    for i, doc in enumerate(docs):
+        (tmp_path / f"{i:02}.txt").write_text(doc)
+    config = default_config().data
+    config.update(path=str(tmp_path), tokenizer="train:420", val_fraction=0.1)
+    corpus = data.load_corpus(config, seed=0)
+    assert corpus.tokenizer.vocab_size == 420
+    assert json.loads(json.dumps(corpus.tokenizer.to_json()))["type"] == "sentencepiece"
+    train_docs, val_docs = data.split_documents(data.read_documents(str(tmp_path)), 0.1, 0)
+    assert corpus.tokenizer.to_json() == tokenizers.train_sentencepiece(train_docs, 420).to_json()
