@@ -45,6 +45,7 @@ def default_config() -> ConfigDict:
     m.param_dtype = "float32"
     m.remat_policy = "none"     # none, or a jax.checkpoint_policies name, e.g. nothing_saveable
     m.scan_layers = True
+    m.attention_impl = "auto"   # auto (cuDNN flash attention on GPU in 16-bit, else xla) | xla | cudnn
 
     c.data = d = ConfigDict()
     d.path = "builtin:python_docs"  # file, directory or glob (comma-separated), or builtin:python_docs
@@ -98,6 +99,7 @@ _CHOICES = {
     "model.mlp": ("gelu", "gelu_exact", "swiglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention_impl": ("auto", "xla", "cudnn"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
 
@@ -157,6 +159,9 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     _check(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0,
            f"rope needs an even head dimension, got d_model/num_heads={m.d_model // m.num_heads}")
     _check(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
+    _check(m.attention_impl != "cudnn" or (jax.default_backend() == "gpu" and m.dtype != "float32"),
+           f"config.model.attention_impl='cudnn' needs a GPU and a 16-bit config.model.dtype (here "
+           f"{jax.default_backend()}, {m.dtype}); use 'auto' to pick it only where it runs")
     _check(m.remat_policy == "none" or hasattr(jax.checkpoint_policies, m.remat_policy),
            f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
            f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")

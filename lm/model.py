@@ -40,6 +40,15 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = True
+    attention_impl: str = "auto"
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether attention runs as cuDNN's fused (flash) kernel rather than softmax(QK^T)V."""
+        if self.attention_impl == "auto":  # cuDNN wants 16-bit inputs and has no attention dropout
+            return (jax.default_backend() == "gpu" and self.dtype != "float32"
+                    and self.dropout == 0)
+        return self.attention_impl == "cudnn"
 
     @property
     def head_dim(self) -> int:
@@ -123,7 +132,8 @@ class Attention(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """mask: [batch, 1, 1, q, k] (see attention_mask), or None for plain causal attention."""
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = Dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(x)
@@ -134,17 +144,30 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
         k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_kv_heads", None))
 
+        if cfg.fused_attention:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=None if mask is None else mask[:, :, 0], is_causal=mask is None,
+                implementation="cudnn")
+        else:
+            out = self._softmax_attention(q, k, v, mask)
+        out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
+        return Dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), in_dims=2,
+                     std=_residual_std(cfg), name="out")(out)
+
+    def _softmax_attention(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                           mask: jax.Array | None) -> jax.Array:
+        cfg = self.cfg
+        batch, length, heads, head_dim = q.shape
+        kv_heads = k.shape[2]
+        if mask is None:
+            mask = jnp.tril(jnp.ones((length, length), bool))
         # Grouped-query attention: query heads are grouped so that each group shares one kv head.
-        batch, length = q.shape[:2]
         q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / head_dim ** 0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         probs = nn.Dropout(cfg.dropout)(probs, deterministic=self.deterministic)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads, head_dim)
-        out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
-        return Dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), in_dims=2,
-                     std=_residual_std(cfg), name="out")(out)
+        return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads, head_dim)
 
 
 class Mlp(nn.Module):
@@ -170,7 +193,7 @@ class Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array):
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None):
         cfg = self.cfg
         drop = functools.partial(nn.Dropout(cfg.dropout), deterministic=self.deterministic)
         h = Attention(cfg, self.deterministic, name="attn")(_norm(cfg, "attn_norm")(x), positions, mask)
@@ -193,9 +216,8 @@ class Transformer(nn.Module):
                              f"context_length={cfg.context_length}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        if segment_ids is None:
-            segment_ids = jnp.zeros((batch, length), jnp.int32)
-        mask = attention_mask(segment_ids)
+        # Unpacked batches need only the causal mask, which the fused kernel builds itself.
+        mask = None if segment_ids is None else attention_mask(segment_ids)
 
         table = self.param("embed", _init(cfg.init_std, ("vocab", "embed")),
                            (cfg.vocab_size, cfg.d_model), cfg.param_dtype)

@@ -131,8 +131,18 @@ def test_accumulating_micro_batches_equals_one_full_batch_step():
         assert got["tokens"] == want["tokens"] == sum(batch["mask"].ravel())
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
-    assert_trees_close(jax.device_get(state.params), jax.device_get(expected_state.params),
-                       atol=1e-6, rtol=1e-5)
+    assert_trees_close(without_key_bias(jax.device_get(state.params)),
+                       without_key_bias(jax.device_get(expected_state.params)), atol=1e-6, rtol=1e-5)
+
+
+def without_key_bias(params):
+    """Params with the attention key bias zeroed. Its gradient is zero in exact arithmetic (softmax
+    ignores a shift shared by all keys), so Adam, dividing by sqrt(v) + eps, turns rounding noise
+    there into updates that differ between summation orders; every other leaf must match."""
+    def zero_key_bias(path, leaf):
+        names = [getattr(k, "key", None) for k in path]
+        return 0 * leaf if names[-2:] == ["key", "bias"] else leaf
+    return jax.tree_util.tree_map_with_path(zero_key_bias, params)
 
 
 def decayed(mask):

@@ -1,0 +1,234 @@
+"""Benchmarks: each row in a fresh process after warm-up, the median of several repeats.
+
+    python scripts/benchmark.py                  # the CPU suite
+    python scripts/benchmark.py --suite=gpu      # GPT-2 small and the 1B LLaMA in bfloat16
+    python scripts/benchmark.py --rows=train_shakespeare_char,matmul_f32 --output_json=bench.json
+
+Train rows run `lm.step`'s compiled train step on random tokens (data loading is measured apart).
+MFU counts FLOPs with the PaLM formula of `lm/flops.py` (6N + 12LTd per token, exact under scan),
+against two peaks: the matmul rate this machine just measured through XLA (`mfu_measured`) and,
+on an accelerator, the vendor's dense bf16 peak (`mfu_vendor`, e.g. 989 TFLOP/s for an H100/H200).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+_SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which set of rows to run.")
+_ROWS = flags.DEFINE_list("rows", [], "Run only these rows (names from the suite tables).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per row; the median is reported.")
+_OUTPUT = flags.DEFINE_string("output_json", "", "Also write the results here.")
+_ROW = flags.DEFINE_string("row", "", "Internal: run this one row in this process, print JSON.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    kind: str                      # matmul | train | compile
+    config: str = ""               # configs/*.py for train and compile rows
+    overrides: tuple = ()          # (("model.num_layers", 2), ...)
+    dtype: str = "float32"         # matmul rows
+    size: int = 2048               # matmul rows
+    steps: int = 10                # train steps per timed repeat
+
+
+_NANOGPT_6L = (("model.num_layers", 6), ("model.num_heads", 6), ("model.d_model", 384),
+               ("model.context_length", 256), ("train.batch_size", 16))
+CPU_ROWS = {
+    "matmul_f32": Row("matmul", dtype="float32"),
+    "matmul_bf16": Row("matmul", dtype="bfloat16"),
+    "train_shakespeare_char": Row("train", "configs/shakespeare_char.py", steps=20),
+    "train_shakespeare_6l384": Row("train", "configs/shakespeare_char.py", _NANOGPT_6L, steps=3),
+    "train_gpt2_small_8x256": Row("train", "configs/gpt2_small.py", (
+        ("model.dtype", "float32"), ("model.context_length", 256), ("train.batch_size", 8),
+        ("model.remat_policy", "none")), steps=1),
+    "compile_gpt2_small_12l": Row("compile", "configs/gpt2_small.py", (
+        ("model.dtype", "float32"), ("train.batch_size", 8), ("model.context_length", 256))),
+    "compile_gpt2_small_48l": Row("compile", "configs/gpt2_small.py", (
+        ("model.dtype", "float32"), ("train.batch_size", 8), ("model.context_length", 256),
+        ("model.num_layers", 48))),
+}
+_GPU = (("mesh.fsdp", 1), ("mesh.data", -1))
+GPU_ROWS = {
+    "matmul_bf16_8192": Row("matmul", dtype="bfloat16", size=8192),
+    "train_llama_1b_16x2048": Row("train", "configs/llama_1b.py", _GPU + (
+        ("train.batch_size", 16), ("model.remat_policy", "none")), steps=5),
+    "train_gpt2_small_32x1024": Row("train", "configs/gpt2_small.py", _GPU + (
+        ("train.batch_size", 32), ("model.remat_policy", "none")), steps=5),
+    "train_llama_1b_16x2048_remat_dots": Row("train", "configs/llama_1b.py", _GPU + (
+        ("train.batch_size", 16),), steps=5),
+    # Materialised scores need remat at this size: 22 layers of [16, 32, 2048, 2048] would not fit.
+    "train_llama_1b_16x2048_remat_dots_xla_attention": Row("train", "configs/llama_1b.py", _GPU + (
+        ("train.batch_size", 16), ("model.attention_impl", "xla")), steps=5),
+    "train_llama_1b_32x2048_remat_dots": Row("train", "configs/llama_1b.py", _GPU + (
+        ("train.batch_size", 32),), steps=5),
+}
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: compilation and first-touch allocation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops(dtype: str, size: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+    matmul = jax.jit(lambda a: a @ a)
+    seconds = _median_seconds(lambda: matmul(x).block_until_ready(), repeats)
+    return {"gflops": 2 * size ** 3 / seconds / 1e9, "seconds": seconds}
+
+
+def load_config(path: str, overrides: tuple):
+    spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update_from_flattened_dict(dict(overrides))
+    return config
+
+
+def _compiled(row: Row):
+    from lm import optim, sharding, step
+    from lm.config import validate
+    from lm.model import ModelConfig, Transformer
+
+    config = load_config(row.config, row.overrides)
+    validate(config)
+    mesh = sharding.make_mesh(config)
+    # Character-level Shakespeare has 65 symbols; the other configs fix their vocabulary.
+    cfg = ModelConfig.from_config(config.model, config.model.vocab_size or 65)
+    steps = step.compile_steps(
+        Transformer(cfg), optim.make_optimizer(config.optim, config.train.steps),
+        optim.learning_rate_schedule(config.optim, config.train.steps), mesh, seed=0,
+        batch_size=config.train.batch_size, grad_accum_steps=config.optim.grad_accum_steps)
+    return config, cfg, mesh, steps
+
+
+def compile_time(row: Row) -> dict:
+    _, cfg, _, steps = _compiled(row)
+    return {"compile_seconds": steps.compile_seconds, "layers": cfg.num_layers}
+
+
+def train_throughput(row: Row, repeats: int) -> dict:
+    import jax
+    import numpy as np
+
+    from lm import flops, sharding
+
+    config, cfg, mesh, steps = _compiled(row)
+    rows, length = config.train.batch_size, cfg.context_length
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, length + 1), np.int32)
+    batch = sharding.global_batch(mesh, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                         "mask": np.ones((rows, length), np.float32)}, rows)
+    state = steps.init()
+
+    def run_steps():
+        nonlocal state
+        for _ in range(row.steps):
+            state, metrics = steps.train(state, batch)
+        jax.block_until_ready(metrics)
+
+    seconds = _median_seconds(run_steps, repeats) / row.steps
+    device = jax.devices()[0]
+    per_token = flops.train_flops_per_token(cfg)
+    tokens_per_sec = rows * length / seconds
+    chips = 1 if device.platform == "cpu" else len(jax.devices())
+    vendor = flops.peak_flops(jax.devices()) if device.platform != "cpu" else None
+    stats = device.memory_stats() or {}
+    return {
+        "step_ms": seconds * 1e3, "tokens_per_sec": tokens_per_sec,
+        "model_tflops_per_sec": per_token * tokens_per_sec / 1e12,
+        "mfu_vendor": per_token * tokens_per_sec / vendor if vendor else None,
+        "chips": chips, "compile_seconds": steps.compile_seconds,
+        "memory_estimate_gib": (steps.memory_bytes_per_device or 0) / 2 ** 30,
+        "peak_device_memory_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 or None,
+        "peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+        "batch": f"{rows}x{length}", "params_m": flops.matmul_params(cfg) / 1e6,
+        "attention": "cudnn" if cfg.fused_attention else "xla", "device": device.device_kind,
+    }
+
+
+def run_row(row: Row, repeats: int) -> dict:
+    if row.kind == "matmul":
+        return matmul_flops(row.dtype, row.size, repeats)
+    if row.kind == "compile":
+        return compile_time(row)
+    return train_throughput(row, repeats)
+
+
+def _in_fresh_process(name: str, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, f"--suite={_SUITE.value}", f"--row={name}",
+           f"--repeats={repeats}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": reason[:200]}
+    return json.loads(lines[-1])
+
+
+def _with_mfu_measured(results: dict) -> None:
+    """Train rows' MFU against this run's measured matmul peak (the largest matmul row)."""
+    peaks = [r["gflops"] * 1e9 for n, r in results.items() if n.startswith("matmul") and "gflops" in r]
+    for r in results.values():
+        if peaks and "model_tflops_per_sec" in r:
+            r["mfu_measured"] = r["model_tflops_per_sec"] * 1e12 / max(peaks)
+
+
+def _table(results: dict) -> str:
+    lines = []
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:40s} error: {r['error']}")
+        elif "gflops" in r:
+            lines.append(f"{name:40s} {r['gflops']:10,.0f} GFLOP/s")
+        elif "tokens_per_sec" in r:
+            mfu = "  ".join(f"{k} {r[k]:.1%}" for k in ("mfu_measured", "mfu_vendor") if r.get(k))
+            lines.append(f"{name:40s} {r['tokens_per_sec']:10,.0f} tok/s  {r['step_ms']:9.1f} ms/step"
+                         f"  {mfu}  compile {r['compile_seconds']:.1f}s"
+                         f"  mem ~{r['memory_estimate_gib']:.1f} GiB  ({r['attention']} attention)")
+        else:
+            lines.append(f"{name:40s} compile {r['compile_seconds']:.1f}s ({r['layers']} layers)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    table = CPU_ROWS if _SUITE.value == "cpu" else GPU_ROWS
+    if _ROW.value:
+        print(json.dumps(run_row(table[_ROW.value], _REPEATS.value)))
+        return
+    unknown = sorted(set(_ROWS.value) - set(table))
+    if unknown:
+        sys.exit(f"error: unknown rows {unknown}; the {_SUITE.value} suite has {sorted(table)}")
+    results = {}
+    for name in _ROWS.value or table:
+        results[name] = _in_fresh_process(name, _REPEATS.value)
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    _with_mfu_measured(results)
+    print(_table(results))
+    if _OUTPUT.value:
+        Path(_OUTPUT.value).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
