@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from lm.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -64,6 +66,35 @@ class ModelConfig:
                               else 4 * model.d_model)
         fields.update(vocab_size=vocab_size, num_kv_heads=model.num_kv_heads or model.num_heads)
         return cls(**fields)
+
+    @classmethod
+    def for_run(cls, config: ConfigDict, tokenizer_vocab: int, tensor: int) -> ModelConfig:
+        """A run's model, its vocabulary resolved against the tokenizer's and checked, as is its
+        divisibility by the mesh's tensor axis."""
+        vocab = config.model.vocab_size
+        if vocab == 0:
+            multiple = config.model.vocab_multiple
+            vocab = -(-tokenizer_vocab // multiple) * multiple
+        if vocab < tokenizer_vocab:
+            raise ConfigError(f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
+                              f"{tokenizer_vocab} ids; set it to 0 (automatic) or at least "
+                              f"{tokenizer_vocab}")
+        cfg = cls.from_config(config.model, vocab)
+        for name, size in (("vocab_size", cfg.vocab_size), ("d_ff", cfg.d_ff)):
+            if size % tensor:
+                raise ConfigError(f"model {name}={size} must be divisible by config.mesh.tensor="
+                                  f"{tensor}; change one of them")
+        return cfg
+
+
+# Keys and values of every layer: {"key": .., "value": ..}, each [layers, batch, length, kv_heads,
+# head_dim]. One layout for scanned and unscanned models, so decoding code need not know which.
+KVCache = dict[str, jax.Array]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"key": jnp.zeros(shape, cfg.dtype), "value": jnp.zeros(shape, cfg.dtype)}
 
 
 def _init(std: float, axes: tuple[str | None, ...]):
@@ -132,8 +163,13 @@ class Attention(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """mask: [batch, 1, 1, q, k] (see attention_mask), or None for plain causal attention."""
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """mask: [batch, 1, 1, q, k] (see attention_mask), or None for plain causal attention.
+
+        With a cache (this layer's keys and values, [batch, cache_length, kv_heads, head_dim]), the
+        new keys and values are written at `positions` and the queries attend over the whole cache.
+        """
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = Dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(x)
@@ -144,7 +180,14 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
         k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_kv_heads", None))
 
-        if cfg.fused_attention:
+        if cache is not None:
+            rows = jnp.arange(x.shape[0])[:, None]
+            cache = {name: nn.with_logical_constraint(
+                         cache[name].at[rows, positions].set(new.astype(cache[name].dtype)),
+                         ("act_batch", None, "act_kv_heads", None))
+                     for name, new in (("key", k), ("value", v))}
+            k, v = cache["key"], cache["value"]
+        if cfg.fused_attention and cache is None:
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=None if mask is None else mask[:, :, 0], is_causal=mask is None,
                 implementation="cudnn")
@@ -152,13 +195,13 @@ class Attention(nn.Module):
             out = self._softmax_attention(q, k, v, mask)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         return Dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), in_dims=2,
-                     std=_residual_std(cfg), name="out")(out)
+                     std=_residual_std(cfg), name="out")(out), cache
 
     def _softmax_attention(self, q: jax.Array, k: jax.Array, v: jax.Array,
                            mask: jax.Array | None) -> jax.Array:
         cfg = self.cfg
         batch, length, heads, head_dim = q.shape
-        kv_heads = k.shape[2]
+        kv_heads = k.shape[2]  # keys may be longer than the queries: a cache
         if mask is None:
             mask = jnp.tril(jnp.ones((length, length), bool))
         # Grouped-query attention: query heads are grouped so that each group shares one kv head.
@@ -188,18 +231,20 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; (carry, None) in and out so that nn.scan can stack it."""
+    """Pre-norm residual block; returns (x, this layer's updated cache) so that nn.scan can stack it."""
     cfg: ModelConfig
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None):
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         drop = functools.partial(nn.Dropout(cfg.dropout), deterministic=self.deterministic)
-        h = Attention(cfg, self.deterministic, name="attn")(_norm(cfg, "attn_norm")(x), positions, mask)
+        h, cache = Attention(cfg, self.deterministic, name="attn")(
+            _norm(cfg, "attn_norm")(x), positions, mask, cache)
         x = x + drop(h)
         x = x + drop(Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x)))
-        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), None
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), cache
 
 
 class Transformer(nn.Module):
@@ -207,8 +252,13 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-        """tokens [batch, length] int -> logits [batch, length, vocab] float32."""
+                 segment_ids: jax.Array | None = None, deterministic: bool = True,
+                 cache: KVCache | None = None):
+        """tokens [batch, length] int -> logits [batch, length, vocab] float32.
+
+        Decoding: with `cache` (from `init_cache`), tokens are written into it at `positions` and
+        attend to every cached position up to their own; returns (logits, updated cache).
+        """
         cfg = self.cfg
         batch, length = tokens.shape
         if cfg.position == "learned" and length > cfg.context_length:
@@ -218,6 +268,9 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         # Unpacked batches need only the causal mask, which the fused kernel builds itself.
         mask = None if segment_ids is None else attention_mask(segment_ids)
+        if cache is not None:
+            slots = jnp.arange(cache["key"].shape[2])
+            mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]
 
         table = self.param("embed", _init(cfg.init_std, ("vocab", "embed")),
                            (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
@@ -240,12 +293,18 @@ class Transformer(nn.Module):
         if cfg.scan_layers:  # one compiled block, looped: compile time does not grow with depth
             stack = nn.scan(block, variable_axes={"params": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(cfg, deterministic, name="layers")(x, positions, mask)
+            x, cache = stack(cfg, deterministic, name="layers")(x, positions, mask, cache)
         else:
+            layer_caches = []
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, deterministic, name=f"layers_{i}")(x, positions, mask)
+                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                x, layer_cache = block(cfg, deterministic, name=f"layers_{i}")(
+                    x, positions, mask, layer_cache)
+                layer_caches.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
 
         x = _norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
@@ -254,4 +313,5 @@ class Transformer(nn.Module):
             logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
                            name="lm_head")(x)
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, cache)

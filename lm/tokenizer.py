@@ -112,6 +112,12 @@ class SentencePieceTokenizer:
         return {"type": "sentencepiece", "model": base64.b64encode(self.model_proto).decode()}
 
 
+def document_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """The text's ids after the end-of-document id: how every document starts in training, so a
+    prompt or scored document starts the same way."""
+    return np.concatenate([[tokenizer.eos_id], tokenizer.encode(text)]).astype(np.int32)
+
+
 # Sentencepiece drops longer "sentences" silently, so long lines are fed in pieces of this size.
 MAX_SENTENCE_CHARS = 4096
 

@@ -30,24 +30,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.")
 
 
-def model_config(config: ConfigDict, tokenizer_vocab: int, tensor: int) -> ModelConfig:
-    """The model's shape, with the vocabulary resolved against the tokenizer and checked."""
-    vocab = config.model.vocab_size
-    if vocab == 0:
-        multiple = config.model.vocab_multiple
-        vocab = -(-tokenizer_vocab // multiple) * multiple
-    if vocab < tokenizer_vocab:
-        raise ConfigError(f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
-                          f"{tokenizer_vocab} ids; set it to 0 (automatic) or at least "
-                          f"{tokenizer_vocab}")
-    cfg = ModelConfig.from_config(config.model, vocab)
-    for name, size in (("vocab_size", cfg.vocab_size), ("d_ff", cfg.d_ff)):
-        if size % tensor:
-            raise ConfigError(f"model {name}={size} must be divisible by config.mesh.tensor="
-                              f"{tensor}; change one of them")
-    return cfg
-
-
 def evaluate(steps: step.CompiledSteps, params, batches, mesh, global_rows: int) -> float:
     nll = tokens = 0.0
     for batch in batches:
@@ -136,7 +118,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
     corpus = data.load_corpus(config.data, config.seed, tokenizers.load(saved_tokenizer)
                               if saved_tokenizer.exists() else None)
     mesh = sharding.make_mesh(config)
-    cfg = model_config(config, corpus.tokenizer.vocab_size, mesh.shape["tensor"])
+    cfg = ModelConfig.for_run(config, corpus.tokenizer.vocab_size, mesh.shape["tensor"])
     t = config.train
     train_iter = data.train_batches(corpus.train, cfg.context_length, t.batch_size, config.seed)
     val_batches = data.eval_batches(corpus.val, cfg.context_length, t.batch_size, t.eval_batches)
@@ -200,12 +182,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
     if start == t.steps:
         console(f"{workdir} is already at step {start} of {t.steps}: nothing to train")
         val_loss = evaluate(steps, state.params, val_batches, mesh, t.batch_size)
-    prompt = corpus.tokenizer.encode(t.sample_prompt)
-    text = corpus.tokenizer.decode(sampling.sample(
-        model, state.params, prompt, t.sample_length, seed=config.seed,
-        temperature=t.sample_temperature, top_k=t.sample_top_k,
-        valid_vocab=corpus.tokenizer.vocab_size))
-    console(f"sample ({t.sample_length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
+    prompt = tokenizers.document_ids(corpus.tokenizer, t.sample_prompt)
+    length = min(t.sample_length, cfg.context_length - 1)
+    options = sampling.SamplingOptions(temperature=t.sample_temperature, top_k=t.sample_top_k)
+    [tokens] = sampling.generate(model, state.params, [prompt[-(cfg.context_length - length):]],
+                                 length, options=options, seed=config.seed, mesh=mesh,
+                                 valid_vocab=corpus.tokenizer.vocab_size)
+    text = corpus.tokenizer.decode(tokens)
+    console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
     return {"train_loss": metrics.get("loss"), "val_loss": val_loss, "unigram_baseline": unigram,
             "steps": t.steps}
 

@@ -36,24 +36,40 @@ _ROW = flags.DEFINE_string("row", "", "Internal: run this one row in this proces
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    kind: str                      # matmul | train | compile
+    kind: str                      # matmul | memory | train | compile | sample | perplexity
     config: str = ""               # configs/*.py for train and compile rows
     overrides: tuple = ()          # (("model.num_layers", 2), ...)
     dtype: str = "float32"         # matmul rows
-    size: int = 2048               # matmul rows
+    size: int = 2048               # matmul rows: the matrix side; memory rows: MiB read
     steps: int = 10                # train steps per timed repeat
+    batch: int = 1                 # sample and perplexity rows
+    new_tokens: int = 0            # sample rows
+    temperature: float = 0.0       # sample rows
 
 
 _NANOGPT_6L = (("model.num_layers", 6), ("model.num_heads", 6), ("model.d_model", 384),
                ("model.context_length", 256), ("train.batch_size", 16))
+_GPT2_F32 = (("model.dtype", "float32"), ("model.remat_policy", "none"))
+# The well-known HuggingFace example: 3 samples of max_length=100 after a 4-token prompt.
+_SAMPLING = {
+    "sample_gpt2_small_3x96_t0.7": Row("sample", "configs/gpt2_small.py", _GPT2_F32, batch=3,
+                                       new_tokens=96, temperature=0.7),
+    "sample_gpt2_small_1x128_greedy": Row("sample", "configs/gpt2_small.py", _GPT2_F32, batch=1,
+                                          new_tokens=128),
+    "sample_gpt2_small_8x128_t0.7": Row("sample", "configs/gpt2_small.py", _GPT2_F32, batch=8,
+                                        new_tokens=128, temperature=0.7),
+}
 CPU_ROWS = {
     "matmul_f32": Row("matmul", dtype="float32"),
     "matmul_bf16": Row("matmul", dtype="bfloat16"),
+    "memory_read": Row("memory", size=1024),
     "train_shakespeare_char": Row("train", "configs/shakespeare_char.py", steps=20),
     "train_shakespeare_6l384": Row("train", "configs/shakespeare_char.py", _NANOGPT_6L, steps=3),
     "train_gpt2_small_8x256": Row("train", "configs/gpt2_small.py", (
         ("model.dtype", "float32"), ("model.context_length", 256), ("train.batch_size", 8),
         ("model.remat_policy", "none")), steps=1),
+    **_SAMPLING,
+    "perplexity_gpt2_small_8x1024": Row("perplexity", "configs/gpt2_small.py", _GPT2_F32, batch=8),
     "compile_gpt2_small_12l": Row("compile", "configs/gpt2_small.py", (
         ("model.dtype", "float32"), ("train.batch_size", 8), ("model.context_length", 256))),
     "compile_gpt2_small_48l": Row("compile", "configs/gpt2_small.py", (
@@ -63,6 +79,7 @@ CPU_ROWS = {
 _GPU = (("mesh.fsdp", 1), ("mesh.data", -1))
 GPU_ROWS = {
     "matmul_bf16_8192": Row("matmul", dtype="bfloat16", size=8192),
+    "memory_read": Row("memory", size=1024),
     "train_llama_1b_16x2048": Row("train", "configs/llama_1b.py", _GPU + (
         ("train.batch_size", 16), ("model.remat_policy", "none")), steps=5),
     "train_gpt2_small_32x1024": Row("train", "configs/gpt2_small.py", _GPU + (
@@ -74,6 +91,8 @@ GPU_ROWS = {
         ("train.batch_size", 16), ("model.attention_impl", "xla")), steps=5),
     "train_llama_1b_32x2048_remat_dots": Row("train", "configs/llama_1b.py", _GPU + (
         ("train.batch_size", 32),), steps=5),
+    **{name: dataclasses.replace(row, overrides=(("model.dtype", "bfloat16"),))
+       for name, row in _SAMPLING.items()},
 }
 
 
@@ -95,6 +114,17 @@ def matmul_flops(dtype: str, size: int, repeats: int) -> dict:
     matmul = jax.jit(lambda a: a @ a)
     seconds = _median_seconds(lambda: matmul(x).block_until_ready(), repeats)
     return {"gflops": 2 * size ** 3 / seconds / 1e9, "seconds": seconds}
+
+
+def memory_bandwidth(row: Row, repeats: int) -> dict:
+    """Bytes/s of reading `row.size` MiB once (a sum): the floor for a memory-bound decode step."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((row.size * 2 ** 18,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = _median_seconds(lambda: total(x).block_until_ready(), repeats)
+    return {"gb_per_sec": x.nbytes / seconds / 1e9}
 
 
 def load_config(path: str, overrides: tuple):
@@ -121,6 +151,54 @@ def _compiled(row: Row):
         optim.learning_rate_schedule(config.optim, config.train.steps), mesh, seed=0,
         batch_size=config.train.batch_size, grad_accum_steps=config.optim.grad_accum_steps)
     return config, cfg, mesh, steps
+
+
+def _random_model(row: Row):
+    """A model of the row's config with freshly initialised weights, on one device."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from lm.model import ModelConfig, Transformer
+
+    config = load_config(row.config, row.overrides)
+    cfg = ModelConfig.from_config(config.model, config.model.vocab_size or 65)
+    model = Transformer(cfg)
+    init = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
+    return model, init()["params"]
+
+
+def sampling_throughput(row: Row, repeats: int) -> dict:
+    import jax
+
+    from lm.sampling import SamplingOptions, generate
+
+    model, params = _random_model(row)
+    prompts = [[464, 2068, 7586, 21831]] * row.batch  # four tokens, as "Once upon a time"
+    options = SamplingOptions(temperature=row.temperature)
+    seconds = _median_seconds(lambda: generate(model, params, prompts, row.new_tokens,
+                                               options=options), repeats)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    return {"new_tokens_per_sec": row.batch * row.new_tokens / seconds,
+            "ms_per_step": seconds / row.new_tokens * 1e3, "weight_gb": weight_bytes / 1e9}
+
+
+def perplexity_throughput(row: Row, repeats: int) -> dict:
+    import functools
+
+    import jax
+    import numpy as np
+
+    from lm import step
+
+    model, params = _random_model(row)
+    length = model.cfg.context_length
+    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (row.batch, length + 1))
+    batch = {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
+             "mask": np.ones((row.batch, length), np.float32)}
+    evaluate = jax.jit(functools.partial(step.eval_step, model=model))
+    seconds = _median_seconds(lambda: jax.block_until_ready(evaluate(params, batch)), repeats)
+    return {"tokens_per_sec": row.batch * length / seconds, "step_ms": seconds * 1e3}
 
 
 def compile_time(row: Row) -> dict:
@@ -170,9 +248,11 @@ def train_throughput(row: Row, repeats: int) -> dict:
 def run_row(row: Row, repeats: int) -> dict:
     if row.kind == "matmul":
         return matmul_flops(row.dtype, row.size, repeats)
+    runners = {"memory": memory_bandwidth, "train": train_throughput,
+               "sample": sampling_throughput, "perplexity": perplexity_throughput}
     if row.kind == "compile":
         return compile_time(row)
-    return train_throughput(row, repeats)
+    return runners[row.kind](row, repeats)
 
 
 def _in_fresh_process(name: str, repeats: int) -> dict:
@@ -186,12 +266,16 @@ def _in_fresh_process(name: str, repeats: int) -> dict:
     return json.loads(lines[-1])
 
 
-def _with_mfu_measured(results: dict) -> None:
-    """Train rows' MFU against this run's measured matmul peak (the largest matmul row)."""
-    peaks = [r["gflops"] * 1e9 for n, r in results.items() if n.startswith("matmul") and "gflops" in r]
+def _relative_to_measured_peaks(results: dict) -> None:
+    """Train rows' MFU against this run's largest measured matmul rate; decode steps against the
+    time to read the weights once at the measured memory bandwidth."""
+    peaks = [r["gflops"] * 1e9 for r in results.values() if "gflops" in r]
+    bandwidth = [r["gb_per_sec"] for r in results.values() if "gb_per_sec" in r]
     for r in results.values():
         if peaks and "model_tflops_per_sec" in r:
             r["mfu_measured"] = r["model_tflops_per_sec"] * 1e12 / max(peaks)
+        if bandwidth and "weight_gb" in r:
+            r["floor_ratio"] = r["ms_per_step"] / 1e3 / (r["weight_gb"] / bandwidth[0])
 
 
 def _table(results: dict) -> str:
@@ -201,6 +285,14 @@ def _table(results: dict) -> str:
             lines.append(f"{name:40s} error: {r['error']}")
         elif "gflops" in r:
             lines.append(f"{name:40s} {r['gflops']:10,.0f} GFLOP/s")
+        elif "gb_per_sec" in r:
+            lines.append(f"{name:40s} {r['gb_per_sec']:10,.1f} GB/s")
+        elif "new_tokens_per_sec" in r:
+            floor = f"  {r['floor_ratio']:.2f}x the weight-read floor" if "floor_ratio" in r else ""
+            lines.append(f"{name:40s} {r['new_tokens_per_sec']:10,.1f} new tok/s"
+                         f"  {r['ms_per_step']:7.1f} ms/step{floor}")
+        elif "step_ms" in r and "compile_seconds" not in r:
+            lines.append(f"{name:40s} {r['tokens_per_sec']:10,.0f} tok/s  {r['step_ms']:9.1f} ms")
         elif "tokens_per_sec" in r:
             mfu = "  ".join(f"{k} {r[k]:.1%}" for k in ("mfu_measured", "mfu_vendor") if r.get(k))
             lines.append(f"{name:40s} {r['tokens_per_sec']:10,.0f} tok/s  {r['step_ms']:9.1f} ms/step"
@@ -224,7 +316,7 @@ def main(argv: list[str]) -> None:
     for name in _ROWS.value or table:
         results[name] = _in_fresh_process(name, _REPEATS.value)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-    _with_mfu_measured(results)
+    _relative_to_measured_peaks(results)
     print(_table(results))
     if _OUTPUT.value:
         Path(_OUTPUT.value).write_text(json.dumps(results, indent=2))

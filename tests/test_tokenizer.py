@@ -9,7 +9,7 @@ import pytest
 
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, default_config
-from lm.train import model_config
+from lm.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LINES = [
@@ -101,10 +101,10 @@ def test_tokenizer_cli_rejects_a_glob_matching_nothing(tmp_path):
 
 def test_model_vocabulary_is_padded_or_checked_against_the_tokenizer():
     config = default_config()
-    assert model_config(config, 500, tensor=1).vocab_size == 512
+    assert ModelConfig.for_run(config, 500, tensor=1).vocab_size == 512
     config.model.vocab_size = 300
     with pytest.raises(ConfigError, match="vocab_size=300 is smaller than the tokenizer's 500"):
-        model_config(config, 500, tensor=1)
+        ModelConfig.for_run(config, 500, tensor=1)
 
 
 def test_train_n_in_the_config_trains_on_the_training_split_only(tmp_path):

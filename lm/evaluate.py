@@ -1,0 +1,157 @@
+"""Evaluate a checkpoint: perplexity and bits per byte, or samples. Runs beside training or later.
+
+    python -m lm.evaluate --workdir=runs/quickstart --mode=perplexity [--data=FILES] [--stride=N]
+    python -m lm.evaluate --workdir=runs/quickstart --mode=sample --prompt="def " \
+        --max_length=100 --temperature=0.7 --num_return_sequences=3 --seed=0
+
+Sampling flags follow HuggingFace's `generate` (max_length counts the prompt's tokens; max_new_tokens
+does not and wins when both are given).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from lm.config import ConfigError, parse_flags
+from lm.metrics import console
+from lm.sampling import SamplingOptions
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir, or a checkpoint step "
+                               "directory (workdir/checkpoints/N).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "sample"], "What to compute.")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "Mesh fsdp size (the rest of the devices: data).")
+_TENSOR = flags.DEFINE_integer("tensor", 1, "Mesh tensor size.")
+# perplexity
+_DATA = flags.DEFINE_string("data", None, "Files, directories or globs to score (comma-separated); "
+                            "default: the run's validation split.")
+_STRIDE = flags.DEFINE_integer("stride", None, "Sliding-window step for long documents (default: "
+                               "half the context, so every token has at least half a context).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per evaluation batch.")
+_OUTPUT = flags.DEFINE_string("output_json", None, "Also write the results to this file.")
+# sampling
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Prompt plus new tokens, at most.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "New tokens, at most (default 100).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this mass (1: all).")
+_NUM = flags.DEFINE_integer("num_return_sequences", 1, "Samples per prompt.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP = flags.DEFINE_multi_string("stop", [], "Cut a sample before this string; repeatable.")
+_TRUNCATE = flags.DEFINE_bool("truncate_prompt", False, "Keep a too-long prompt's last tokens "
+                              "instead of failing.")
+
+
+def _validation_documents(run) -> list[str]:
+    from lm import data
+    docs = data.read_documents(run.config.data.path)
+    return data.split_documents(docs, run.config.data.val_fraction, run.config.seed)[1]
+
+
+def perplexity(run) -> dict:
+    from lm import data
+    source = _DATA.value or f"the validation split of {run.config.data.path}"
+    docs = data.read_documents(_DATA.value) if _DATA.value else _validation_documents(run)
+    if not any(docs):
+        raise ConfigError(f"{source} has no text to score; pass files with text in --data")
+    stride = _STRIDE.value or max(1, run.model.cfg.context_length // 2)
+    score = run.perplexity(docs, stride=stride, batch_size=_BATCH.value, progress=True)
+    console(f"{score.tokens:,} tokens ({score.bytes:,} bytes) in {len(docs)} documents from "
+            f"{source}, step {run.step}, stride {stride}")
+    console(f"cross-entropy {score.cross_entropy:.4f} nats/token  perplexity "
+            f"{score.perplexity:.3f}  bits per byte {score.bits_per_byte:.4f}")
+    return {**score.to_json(), "documents": len(docs), "step": run.step, "stride": stride}
+
+
+def _prompts() -> list[str]:
+    prompts = list(_PROMPT.value)
+    if _PROMPTS_FILE.value:
+        try:
+            prompts += Path(_PROMPTS_FILE.value).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--prompts_file={_PROMPTS_FILE.value}: cannot read it ({e})")
+    return prompts or [""]
+
+
+def _fit(run, prompt: str) -> tuple[str, int]:
+    """(prompt, new tokens) within the context; a too-long prompt fails unless truncated."""
+    context = run.model.cfg.context_length
+    ids = run.tokenizer.encode(prompt)
+    if _MAX_NEW.value is not None:
+        new = _MAX_NEW.value
+    elif _MAX_LENGTH.value is not None:
+        new = _MAX_LENGTH.value - len(ids)
+    else:
+        new = 100
+    new = max(new, 1)
+    if new >= context:
+        raise ConfigError(f"{new} new tokens leave no room for a prompt in the model's context of "
+                          f"{context}; ask for at most {context - 1} with --max_new_tokens")
+    room = context - new - 1  # the end-of-document id that starts every document comes first
+    if len(ids) > room:
+        if not _TRUNCATE.value:
+            raise ConfigError(f"the prompt ({len(ids)} tokens) plus {new} new tokens exceeds the "
+                              f"context of {context} tokens; shorten it, ask for fewer tokens, or "
+                              f"pass --truncate_prompt to keep its end")
+        prompt = run.tokenizer.decode(ids[len(ids) - room:]) if room else ""
+    return prompt, new
+
+
+def _check_sampling_flags() -> None:
+    if _NUM.value < 1:
+        raise ConfigError(f"--num_return_sequences={_NUM.value} must be >= 1")
+    try:
+        SamplingOptions(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value).check()
+    except ValueError as e:
+        raise ConfigError(f"--{e}") from None
+
+
+def sample(run) -> dict:
+    fitted = [_fit(run, p) for p in _prompts()]
+    prompts = [p for p, _ in fitted for _ in range(_NUM.value)]
+    new = min(n for _, n in fitted)
+    stream = len(prompts) == 1 and not _STOP.value and sys.stdout.isatty()
+    if stream:
+        print(prompts[0], end="", flush=True)
+    texts = run.generate(prompts, new, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                         top_p=_TOP_P.value, seed=_SEED.value, stop=_STOP.value,
+                         on_text=(lambda t: print(t, end="", flush=True)) if stream else None)
+    if stream:
+        print()
+    else:
+        for i, (prompt, text) in enumerate(zip(prompts, texts)):
+            console(f"--- sample {i + 1} ---\n{prompt}{text}")
+    return {"step": run.step, "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]}
+
+
+def main(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value:
+        sys.exit("error: --workdir is required (a training run's workdir or checkpoint directory)")
+    import lm
+    try:
+        if _MODE.value == "sample":
+            _check_sampling_flags()  # before the model loads, which can take a while
+        run = lm.load(_WORKDIR.value, step=_STEP.value, fsdp=_FSDP.value, tensor=_TENSOR.value)
+        result = perplexity(run) if _MODE.value == "perplexity" else sample(run)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if _OUTPUT.value:
+        Path(_OUTPUT.value).write_text(json.dumps(result, indent=2))
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

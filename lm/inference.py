@@ -1,0 +1,137 @@
+"""A trained model ready to use from Python: `run = lm.load("runs/quickstart")`.
+
+    run.logits(token_ids)               numpy in, float32 numpy out
+    run.generate(["Once upon"], max_new_tokens=50, temperature=0.7)
+    run.perplexity(["Some held-out text."]).perplexity
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from lm import checkpoint, sharding
+from lm import tokenizer as tokenizers
+from lm.config import ConfigError
+from lm.model import ModelConfig, Transformer
+from lm.perplexity import Score, score_documents
+from lm.sampling import SamplingOptions, generate
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ConfigDict
+    model: Transformer
+    params: Any
+    tokenizer: tokenizers.Tokenizer
+    mesh: Mesh
+    step: int
+
+    def __post_init__(self):
+        self._forward = jax.jit(self.model.apply)
+
+    def logits(self, token_ids: np.ndarray) -> np.ndarray:
+        """[batch, length] (or [length]) token ids -> float32 logits [..., vocab]."""
+        ids = np.asarray(token_ids, np.int32)
+        batch = ids[None] if ids.ndim == 1 else ids
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            out = np.asarray(self._forward({"params": self.params}, batch))
+        return out[0] if ids.ndim == 1 else out
+
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 100, *,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None
+                 ) -> list[str]:
+        """Continuations of each prompt, cut at the end-of-document token and before any `stop`.
+
+        `on_text` streams the text of a single prompt as it is generated.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        on_token = None
+        if on_text is not None:
+            if len(prompts) != 1:
+                raise ValueError("streaming (on_text) needs a single prompt")
+            on_token = _Streamer(self.tokenizer, on_text)
+        tokens = generate(self.model, self.params, [tokenizers.document_ids(self.tokenizer, p) for p in prompts],
+                          max_new_tokens, options=SamplingOptions(temperature, top_k, top_p),
+                          seed=seed, eos_id=self.tokenizer.eos_id, mesh=self.mesh,
+                          valid_vocab=self.tokenizer.vocab_size, on_token=on_token)
+        return [_cut(self.tokenizer.decode(t), stop) for t in tokens]
+
+    def perplexity(self, texts: str | Sequence[str], *, stride: int | None = None,
+                   batch_size: int = 8, progress: bool = False) -> Score:
+        """Cross-entropy, perplexity and bits per byte of the texts, each scored as a document."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return score_documents(self.model, self.params, self.tokenizer, texts, self.mesh,
+                               batch_size=batch_size, stride=stride, progress=progress)
+
+
+class _Streamer:
+    """Decodes a growing list of ids and passes on only the new text (ids can merge into one
+    character, so decoding token by token would garble multi-byte text)."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text, self.ids, self.text = tokenizer, on_text, [], ""
+
+    def __call__(self, tokens: np.ndarray) -> None:
+        token = int(np.asarray(tokens)[0])
+        if token == self.tokenizer.eos_id:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of an incomplete UTF-8 sequence
+            self.on_text(text[len(self.text):])
+            self.text = text
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def _workdir_and_step(path: Path, step: int | None) -> tuple[Path, Path]:
+    """(workdir, checkpoint step directory) for a workdir or a step directory, latest if no step."""
+    if (path / "params").is_dir() and path.parent.name == "checkpoints":
+        return path.parent.parent, path
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} is not a run's workdir (no config.json) nor a checkpoint step "
+                          f"directory; pass the --workdir a training run wrote")
+    steps = sorted(int(p.name) for p in (path / "checkpoints").glob("*")
+                   if p.name.isdigit() and (p / "params").is_dir())
+    if not steps:
+        raise ConfigError(f"{path} has no checkpoint yet; train it first, or wait for its first "
+                          f"save (config.train.checkpoint_every)")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise ConfigError(f"{path} has no checkpoint at step {step}; it has steps "
+                          f"{', '.join(map(str, steps))}")
+    return path, path / "checkpoints" / str(step)
+
+
+def load(path: str | Path, *, step: int | None = None, fsdp: int = 1, tensor: int = 1,
+         devices: Sequence[jax.Device] | None = None) -> LoadedModel:
+    """The model, parameters and tokenizer of a workdir (latest checkpoint, or `step`) or of one
+    checkpoint step directory, on a mesh of `devices` (default: all): `fsdp` and `tensor` as given,
+    the rest data-parallel."""
+    workdir, step_dir = _workdir_and_step(Path(path).resolve(), step)
+    config = ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor)
+    tokenizer = tokenizers.load(workdir / "tokenizer.json")
+    mesh = sharding.make_mesh(config, devices)
+    cfg = ModelConfig.for_run(config, tokenizer.vocab_size, mesh.shape["tensor"])
+    model = Transformer(cfg)
+    boxed = jax.eval_shape(model.init, jax.random.key(0),
+                           np.zeros((1, cfg.context_length), np.int32))["params"]
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.unbox(boxed), sharding.tree_shardings(mesh, boxed))
+    params = checkpoint.restore_params(step_dir, abstract)
+    return LoadedModel(config, model, params, tokenizer, mesh, int(step_dir.name))
