@@ -70,6 +70,10 @@ def default_config() -> ConfigDict:
     ms.data = -1                # -1: whatever the other axes leave of the device count
     ms.fsdp = 1
     ms.tensor = 1
+    # Across hosts or TPU slices (MaxText's DCN axes): the mesh's data and fsdp axes are these
+    # times the in-slice sizes above, laid out so that only these axes cross the slower network.
+    ms.dcn_data = 1
+    ms.dcn_fsdp = 1
 
     c.train = t = ConfigDict()
     t.steps = 1000
@@ -115,27 +119,40 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def mesh_shape(config: ConfigDict, num_devices: int) -> tuple[int, ...]:
-    """The (data, fsdp, tensor) sizes, with a single -1 filled from the device count."""
+def mesh_shapes(config: ConfigDict, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(in-slice, across-slice) sizes of (data, fsdp, tensor); a single -1 in the in-slice sizes is
+    filled from the devices of one slice (a host, or a TPU slice)."""
+    dcn = (config.mesh.dcn_data, config.mesh.dcn_fsdp, 1)
     sizes = [config.mesh[a] for a in MESH_AXES]
-    _check(sizes.count(-1) <= 1 and all(s == -1 or s >= 1 for s in sizes),
-           f"mesh {dict(zip(MESH_AXES, sizes))}: each axis must be >= 1, and at most one may be -1")
+    _check(sizes.count(-1) <= 1 and all(s == -1 or s >= 1 for s in sizes) and min(dcn) >= 1,
+           f"mesh {dict(zip(MESH_AXES, sizes))}: each axis must be >= 1, and at most one may be "
+           f"-1; dcn_data and dcn_fsdp must be >= 1")
+    slices = dcn[0] * dcn[1]
+    _check(num_devices % slices == 0,
+           f"config.mesh.dcn_data*dcn_fsdp={slices} slices do not divide {num_devices} devices")
+    per_slice = num_devices // slices
     fixed = 1
     for s in sizes:
         fixed *= s if s != -1 else 1
     if -1 in sizes:
-        _check(num_devices % fixed == 0,
-               f"mesh {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: "
+        _check(per_slice % fixed == 0,
+               f"mesh {dict(zip(MESH_AXES, sizes))} cannot fill {per_slice} devices: "
                f"the fixed axes' product {fixed} must divide the device count")
-        sizes[sizes.index(-1)] = num_devices // fixed
+        sizes[sizes.index(-1)] = per_slice // fixed
     total = 1
     for s in sizes:
         total *= s
-    _check(total == num_devices,
-           f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {total} devices but "
-           f"{num_devices} are available; set --config.mesh.* so the product is {num_devices} "
-           f"(or set one axis to -1)")
-    return tuple(sizes)
+    _check(total == per_slice,
+           f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {total * slices} devices "
+           f"but {num_devices} are available; set --config.mesh.* so the product is "
+           f"{per_slice}{' per slice' if slices > 1 else ''} (or set one axis to -1)")
+    return tuple(sizes), dcn
+
+
+def mesh_shape(config: ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """The whole mesh's (data, fsdp, tensor) sizes: in-slice times across-slice."""
+    ici, dcn = mesh_shapes(config, num_devices)
+    return tuple(i * d for i, d in zip(ici, dcn))
 
 
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:

@@ -90,7 +90,8 @@ def _decode(model: Transformer, options: SamplingOptions, max_new: int, valid_vo
         return i + 1, token, cache, out.at[:, i].set(token), done | (token == eos_id), rng
 
     carry = (jnp.int32(1), token, cache, out, token == eos_id, rng)
-    return jax.lax.while_loop(running, step, carry)[3]
+    out = jax.lax.while_loop(running, step, carry)[3]
+    return nn.with_logical_constraint(out, (None, None))  # every process gets every row
 
 
 @functools.lru_cache(maxsize=16)  # a notebook calling generate again should not recompile

@@ -14,10 +14,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from lm.config import MESH_AXES, mesh_shape
+from lm.config import MESH_AXES, ConfigError, mesh_shapes
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
@@ -46,9 +47,18 @@ def make_mesh(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -
     Axes are Auto: linen's logical constraints are sharding hints, which Explicit axes reject.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(config, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+    ici, dcn = mesh_shapes(config, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    if dcn == (1, 1, 1):
+        return jax.make_mesh(ici, MESH_AXES, axis_types=auto, devices=devices)
+    # A slice is a TPU slice on TPUs and a process (host) elsewhere.
+    by_process = devices[0].platform != "tpu"
+    slices = len({d.process_index if by_process else d.slice_index for d in devices})
+    if slices != dcn[0] * dcn[1]:
+        raise ConfigError(f"config.mesh.dcn_data*dcn_fsdp={dcn[0] * dcn[1]} must equal the number "
+                          f"of {'processes' if by_process else 'TPU slices'} ({slices})")
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_sharding(mesh: Mesh, logical_axes: tuple[str | None, ...]) -> NamedSharding:

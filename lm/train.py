@@ -18,16 +18,21 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import checkpoint, data, flops, optim, sampling, sharding, step
+from lm import checkpoint, data, distributed, flops, optim, sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
+from lm.preflight import preflight
 from lm.model import ModelConfig, Transformer
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.")
+_PREFLIGHT = flags.DEFINE_bool("preflight", False, "Only compile the train step for the mesh and "
+                               "report parameters, FLOPs and memory per device (no data is read).")
+_BUDGET = flags.DEFINE_float("memory_budget_gib", 0.0, "With --preflight: fail above this much "
+                             "memory per device (default: the device's own limit, if known).")
 
 
 def evaluate(steps: step.CompiledSteps, params, batches, mesh, global_rows: int) -> float:
@@ -199,10 +204,14 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise to a user
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _WORKDIR.value:
+    if not _WORKDIR.value and not _PREFLIGHT.value:
         sys.exit("error: --workdir is required (the directory for checkpoints, metrics and logs)")
     try:
-        train_and_evaluate(load_config_flag(_CONFIG), _WORKDIR.value)
+        distributed.initialize()
+        if _PREFLIGHT.value:
+            preflight(load_config_flag(_CONFIG), _BUDGET.value)
+        else:
+            train_and_evaluate(load_config_flag(_CONFIG), _WORKDIR.value)
     except (ConfigError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except Preempted as e:

@@ -1,0 +1,130 @@
+"""Two real processes on JAX's distributed runtime (CPU collectives over gloo, 4 devices each)
+against one process with 8 devices; a dead process stops the job; the launchers' dry runs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lm.distributed import detected_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config=configs/tiny.py", "--config.train.steps=4", "--config.train.log_every=1",
+        "--config.train.eval_every=4", "--config.train.checkpoint_every=2",
+        "--config.optim.warmup_steps=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(devices: int) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def launch(workdir: Path, flags: list[str], processes: int = 2, extra=()) -> list[subprocess.Popen]:
+    """The processes of one job; each one's output goes to workdir/../process_<i>.log (a pipe
+    that nobody drains could block one process while the other waits for it in a collective)."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen(
+        [sys.executable, "-m", "lm.train", *TINY, *flags, f"--workdir={workdir}",
+         f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+         f"--process_id={i}", *extra], cwd=ROOT, env=env(8 // processes),
+        stdout=open(workdir.parent / f"process_{i}.log", "w"), stderr=subprocess.STDOUT)
+        for i in range(processes)]
+
+
+def finish(procs: list[subprocess.Popen], workdir: Path) -> list[str]:
+    for p in procs:
+        p.wait(timeout=600)
+    return [(workdir.parent / f"process_{i}.log").read_text() for i in range(len(procs))]
+
+
+def losses(workdir: Path) -> list[float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_two_processes_train_like_one_process_with_the_same_global_mesh(tmp_path):
+    single = tmp_path / "single"
+    result = subprocess.run([sys.executable, "-m", "lm.train", *TINY, f"--workdir={single}",
+                             "--config.mesh.data=2", "--config.mesh.fsdp=4"], cwd=ROOT,
+                            env=env(8), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    multi = tmp_path / "multi"
+    # fsdp inside each process, data across the two: the hybrid (in-host x across-host) layout.
+    procs = launch(multi, ["--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                           "--config.mesh.dcn_data=2"])
+    outputs = finish(procs, multi)
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert losses(multi) == pytest.approx(losses(single), rel=1e-5)
+    assert len(losses(multi)) == 4  # one metrics writer, not two
+    assert len(list(multi.glob("events.out.tfevents.*"))) == 1
+    assert "step 4/4" in outputs[0] and "step 4/4" not in outputs[1]  # process 0 alone logs
+    assert sorted(p.name for p in (multi / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+    workdir = tmp_path / "run"
+    procs = launch(workdir, ["--config.train.steps=100000"], extra=["--heartbeat_timeout_seconds=5"])
+    metrics = workdir / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text()):  # both are past compilation, training
+        assert procs[0].poll() is None, (tmp_path / "process_0.log").read_text()
+        time.sleep(0.5)
+    procs[1].kill()
+    start = time.monotonic()
+    procs[0].wait(timeout=120)
+    assert procs[0].returncode != 0
+    assert time.monotonic() - start < 60
+
+
+def test_explicit_coordinator_flags_must_come_together(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lm.train", *TINY, f"--workdir={tmp_path}",
+                             "--num_processes=2"], cwd=ROOT, env=env(8), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --coordinator_address, --num_processes and --process_id go together")
+
+
+def test_cluster_launchers_are_detected_from_their_environment():
+    assert detected_cluster({"SLURM_NTASKS": "4"}) == "SLURM"
+    assert detected_cluster({"SLURM_NTASKS": "1"}) is None
+    assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "2"}) == "Open MPI"
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == "multi-host TPU"
+    assert detected_cluster({}) is None
+
+
+def test_tpu_launcher_dry_run_prints_the_commands_for_every_worker():
+    result = subprocess.run(
+        ["bash", "scripts/launch_tpu.sh", "--name=pod", "--zone=us-east5-a",
+         "--accelerator=v5p-64", "--create", "--dry_run", "--", "python", "-m", "lm.train",
+         "--config=configs/llama_1b.py", "--workdir=gs://b/run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("+ gcloud compute tpus tpu-vm create pod --zone=us-east5-a "
+                        "--accelerator-type=v5p-64 --version=v2-alpha-tpuv5")
+    assert lines[1].startswith("+ git archive --format=tar.gz")
+    assert "scp" in lines[2] and "--worker=all" in lines[2]
+    assert "pip\\ install" in lines[3] and "--worker=all" in lines[3]
+    assert "--worker=all" in lines[4] and "--workdir=gs://b/run" in lines[4]
+    assert lines[5].endswith("--worker=0 --command=tail\\ -F\\ lm/run.log")
+
+
+def test_slurm_script_dry_run_prints_one_srun_for_all_nodes():
+    result = subprocess.run(["bash", "scripts/slurm_gpu.sbatch", "--config=configs/llama_1b.py",
+                             "--workdir=/shared/run"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "DRY_RUN": "1"}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("srun --kill-on-bad-exit=1 python -m lm.train "
+                                     "--config=configs/llama_1b.py --workdir=/shared/run")
