@@ -467,21 +467,25 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path, *,
     else:
         config.data.tokenizer = ""  # a run must name one: --config.data.tokenizer=...
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    _save_params(params, checkpoints / "0" / "params")
+    _save_params(params, checkpoints)
     return config
 
 
-def _save_params(params: Any, path: Path) -> None:
+def _save_params(params: Any, checkpoints: Path, step: int = 0) -> None:
+    """`checkpoints/<step>/params`, written as a run's checkpoint manager writes it (without the
+    optimizer and data state, which a run's resume passes over)."""
+    import jax
     import orbax.checkpoint as ocp
     from absl import logging
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)
     try:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(path.resolve(), params)
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+        with ocp.CheckpointManager(checkpoints.resolve()) as manager:
+            # As host jax arrays (on CPU they share the numpy buffers): orbax writes them ~3x faster.
+            params = jax.device_put(params, jax.devices("cpu")[0])
+            manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+            manager.wait_until_finished()
     finally:
         logging.set_verbosity(verbosity)
 

@@ -27,7 +27,7 @@ from trees import assert_trees_close  # noqa: E402
 
 from lm import hf  # noqa: E402
 from lm import tokenizer as tokenizers  # noqa: E402
-from lm.checkpoint import restore_params  # noqa: E402
+from lm.checkpoint import Checkpointer, restore_params  # noqa: E402
 from lm.config import ConfigError, default_config  # noqa: E402
 from lm.model import ModelConfig, Transformer  # noqa: E402
 from lm.sampling import sample  # noqa: E402
@@ -217,6 +217,11 @@ def test_import_writes_the_workdir_contract(imported):
     else:
         assert isinstance(tok, tokenizers.HuggingFaceTokenizer) and tok.eos_id == 0
     assert (workdir / "checkpoints" / "0" / "params").is_dir()
+    # A run in this workdir passes over the parameters-only step (init_from loads it).
+    checkpointer = Checkpointer(workdir / "checkpoints", default_config().train)
+    assert checkpointer.steps() == [0] and checkpointer.restore_latest(None) is None
+    checkpointer.close()
+    assert (workdir / "checkpoints" / "0" / "params").is_dir()
     assert jax.tree.structure(params) == jax.tree.structure(hf.param_shapes(cfg))
     assert params["layers"]["attn"]["query"]["kernel"].shape[0] == 2  # scanned layout
 
@@ -286,7 +291,7 @@ def test_a_native_lm_model_exports_unrolled_tied_with_biases(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(config.to_json_best_effort())
     tokenizers.save(tokenizers.ByteTokenizer(), tmp_path / "run" / "tokenizer.json")
-    hf._save_params(params, tmp_path / "run" / "checkpoints" / "7" / "params")
+    hf._save_params(params, tmp_path / "run" / "checkpoints", step=7)
     assert hf.export_checkpoint(tmp_path / "run", tmp_path / "out", step=7) == hf.LLAMA
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert loaded.config.attention_bias and loaded.config.tie_word_embeddings
