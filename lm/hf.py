@@ -593,8 +593,12 @@ def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: Path) -> None:
         sp = tok._sp
         tokens = {f"{key}_token": sp.id_to_piece(getattr(tok, f"{key}_id"))
                   for key in ("bos", "eos", "pad") if getattr(tok, f"{key}_id") >= 0}
+        # Whether the model adds sentencepiece's dummy prefix ("▁" before the first word): lm's
+        # own models do not, LLaMA's do; transformers must be told.
+        first = sp.encode("a")
+        prefix = bool(first) and sp.id_to_piece(first[0]).startswith("\u2581")
         config = {"tokenizer_class": "LlamaTokenizer", **tokens, "add_bos_token": False,
-                  "add_eos_token": False, "legacy": False, "add_prefix_space": False,
+                  "add_eos_token": False, "legacy": False, "add_prefix_space": prefix,
                   "model_max_length": cfg.context_length}
     else:
         return

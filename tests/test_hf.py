@@ -342,6 +342,16 @@ def test_bpe_tokenizer_encodes_like_huggingface_and_round_trips(gpt2_lm, gpt2_ex
     assert direct.to_json() == ours.to_json()
 
 
+def test_sentencepiece_tokenizer_exports_to_an_equal_transformers_tokenizer(llama_lm,
+                                                                            llama_exported):
+    ours = tokenizers.load(llama_lm[2] / "tokenizer.json")
+    auto = transformers.AutoTokenizer.from_pretrained(llama_exported)
+    for text in [" ".join(WORDS), "  golf\thotel ", "unseen: wörld 🎉"]:
+        assert auto.encode(text, add_special_tokens=False) == ours.encode(text).tolist()
+        assert auto.decode(ours.encode(text)) == ours.decode(ours.encode(text)) == text
+    assert (auto.eos_token_id, auto.bos_token_id) == (ours.eos_id, ours.bos_id) == (2, 1)
+
+
 def write_config(folder, **config):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
