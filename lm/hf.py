@@ -366,10 +366,14 @@ def _tensors(files: list[Path]) -> Iterator[_Tensor]:
             except ImportError:
                 raise ConfigError(f"{file} is a PyTorch pickle: reading it needs torch (pip install "
                                   f"torch), or convert the checkpoint to safetensors") from None
-            try:
+            try:  # memory-mapped, so tensors are read as they are converted
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise ConfigError(f"{file} cannot be read by torch.load ({e})") from None
+            except Exception:
+                try:  # the pre-zip format cannot be memory-mapped
+                    state = torch.load(file, map_location="cpu", weights_only=True)
+                except Exception as e:
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise ConfigError(f"{file} cannot be read by torch.load ({reason})") from None
             for name, tensor in state.items():
                 yield _Tensor(name, tuple(tensor.shape), file,
                               lambda t=tensor: t.float().numpy() if t.dtype == torch.bfloat16
