@@ -355,7 +355,8 @@ def _tensors(files: list[Path]) -> Iterator[_Tensor]:
             try:
                 handle = safe_open(str(file), framework="numpy")
             except Exception as e:
-                raise ConfigError(f"{file} is not a readable safetensors file ({e})") from None
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ConfigError(f"{file} is not a readable safetensors file ({reason})") from None
             with handle as f:
                 for name in f.keys():
                     yield _Tensor(name, tuple(f.get_slice(name).get_shape()), file,
