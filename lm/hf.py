@@ -565,7 +565,13 @@ def export_checkpoint(workdir: str | Path, hf_dir: str | Path, step: int | None 
     source = workdir if step is None else workdir / "checkpoints" / str(step)
     if step is not None and not source.is_dir():
         raise ConfigError(f"{source} does not exist; --step must name a saved checkpoint")
-    params = _LmParams(cfg, checkpoint.restore_params(source, param_shapes(cfg)))
+    # Onto one host device, whatever mesh the run saved from.
+    import jax
+
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host),
+                            param_shapes(cfg))
+    params = _LmParams(cfg, checkpoint.restore_params(source, abstract))
 
     dtype = np.dtype(cfg.param_dtype if cfg.param_dtype != "bfloat16" else "float32")
     entries = []

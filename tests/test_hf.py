@@ -330,6 +330,13 @@ def test_imported_workdir_fine_tunes_from_the_command_line(gpt2, data, tmp_path)
     expected = next_token_loss(hf_logits(model, windows).astype(np.float64), windows)
     assert first == pytest.approx(expected, abs=0.3)
     assert first < math.log(VOCAB) - 2, result.stdout
+    # The fine-tuned run (saved from an 8-device mesh) exports like the import did.
+    hf.export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    cfg = ModelConfig.from_config(hf.load_run_config(tmp_path / "run").model, VOCAB)
+    tuned = restore_params(tmp_path / "run", hf.param_shapes(cfg))
+    np.testing.assert_allclose(hf_logits(loaded, windows[:2]), lm_logits(cfg, tuned, windows[:2]),
+                               atol=1e-4)
 
 
 def test_bpe_tokenizer_encodes_like_huggingface_and_round_trips(gpt2_lm, gpt2_exported):
