@@ -548,7 +548,7 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.
             array = np.ascontiguousarray(make(), dtype=dtype)
             if array.shape != tuple(shape):
                 raise ConfigError(f"internal: {name} has shape {array.shape}, not {shape}")
-            f.write(array.tobytes())
+            f.write(array.reshape(-1).view(np.uint8))
 
 
 def export_checkpoint(workdir: str | Path, hf_dir: str | Path, step: int | None = None) -> str:
@@ -571,7 +571,7 @@ def export_checkpoint(workdir: str | Path, hf_dir: str | Path, step: int | None 
     host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host),
                             param_shapes(cfg))
-    params = _LmParams(cfg, checkpoint.restore_params(source, abstract))
+    params = _LmParams(cfg, jax.tree.map(np.asarray, checkpoint.restore_params(source, abstract)))
 
     dtype = np.dtype(cfg.param_dtype if cfg.param_dtype != "bfloat16" else "float32")
     entries = []
