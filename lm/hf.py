@@ -646,6 +646,9 @@ def main(argv: list[str]) -> None:
             if not config.data.tokenizer:
                 print(f"warning: {f.hf_dir} has no tokenizer.json or tokenizer.model; pass "
                       f"--tokenizer=PATH, or set --config.data.tokenizer when training")
+            elif tokenizers.load(Path(f.workdir) / "tokenizer.json").eos_id < 0:
+                print("warning: the tokenizer names no end-of-text token (its tokenizer_config.json "
+                      "has no eos_token), which lm's training data needs between documents")
         else:
             arch = export_checkpoint(f.workdir, f.hf_dir, f.step)
             print(f"exported {f.workdir} as a {arch} into {f.hf_dir} in "
