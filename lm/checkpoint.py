@@ -62,9 +62,13 @@ class Checkpointer:
         when one is given.
 
         An unreadable one is renamed `<step>.unreadable` (kept for a human to look at, out of the way
-        of the run's own save of that step) and the one before it is tried.
+        of the run's own save of that step) and the one before it is tried. A step with parameters
+        only (an import, `python -m lm.hf`) is no run state: it is passed over, left as it is, for
+        `train.init_from` to load.
         """
         for step in reversed(self.steps()):
+            if not (self.directory / str(step) / "opt_state").exists():
+                continue
             try:
                 items = dict(params=ocp.args.StandardRestore(abstract_state.params),
                              opt_state=ocp.args.StandardRestore(abstract_state.opt_state))

@@ -183,10 +183,10 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
            f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
            f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")
     tok = config.data.tokenizer
-    _check(tok in ("char", "byte") or tok.endswith(".model")
+    _check(tok in ("char", "byte") or tok.endswith((".model", ".json"))
            or re.fullmatch(r"train:[1-9]\d*", tok) is not None,
-           f"config.data.tokenizer={tok!r} is not char, byte, train:N or a sentencepiece .model "
-           f"path")
+           f"config.data.tokenizer={tok!r} is not char, byte, train:N, a sentencepiece .model "
+           f"path or a tokenizer .json path")
     _check(0.0 <= config.data.val_fraction < 1.0,
            f"config.data.val_fraction={config.data.val_fraction} must be in [0, 1)")
     for path in ("optim.learning_rate", "optim.min_learning_rate", "optim.weight_decay",

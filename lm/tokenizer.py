@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: sentencepiece (trained here), characters, raw bytes.
+"""Tokenizers behind one interface: sentencepiece (trained here), characters, raw bytes, and
+HuggingFace `tokenizers` tokenizers (a `tokenizer.json`, e.g. GPT-2's byte-level BPE).
 
 Each is saved to and loaded from `tokenizer.json` in the workdir (a sentencepiece model is embedded
 in it), so a run can always decode what it trained on. The end-of-document id separates documents
@@ -115,7 +116,108 @@ class SentencePieceTokenizer:
 def document_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
     """The text's ids after the end-of-document id: how every document starts in training, so a
     prompt or scored document starts the same way."""
-    return np.concatenate([[tokenizer.eos_id], tokenizer.encode(text)]).astype(np.int32)
+    start = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []  # an imported one may lack it
+    return np.concatenate([start, tokenizer.encode(text)]).astype(np.int32)
+
+
+def _hf_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ConfigError("a HuggingFace tokenizer.json needs the `tokenizers` package: "
+                          "pip install tokenizers (or pip install -e '.[hf]')") from None
+    return tokenizers
+
+
+# Names of end-of-text tokens, tried when the files name none.
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
+
+
+class HuggingFaceTokenizer:
+    """A HuggingFace `tokenizers` tokenizer, kept as its tokenizer.json text (self-contained).
+
+    Encoding adds no special tokens (documents are separated by `eos_id` in the token stream);
+    decoding keeps them, so that `decode(encode(text)) == text` for byte-level BPE. Ids that a
+    tokenizer lacks are -1.
+    """
+
+    def __init__(self, spec: str, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1):
+        self.spec = spec
+        self._tok = _hf_tokenizers().Tokenizer.from_str(spec)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1 if vocab else 0
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> HuggingFaceTokenizer:
+        """A tokenizer.json file, or a directory holding one; its special tokens come from the
+        tokenizer_config.json, special_tokens_map.json, generation_config.json or config.json beside
+        it (the first that names each), else from well-known end-of-text token names."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"{file} does not exist")
+        spec = file.read_text(encoding="utf-8")
+        try:
+            tokenizer = cls(spec)
+        except Exception as e:  # the tokenizers library's parse error
+            raise ConfigError(f"{file} is not a HuggingFace tokenizer.json "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        ids = _special_ids(file.parent, tokenizer._tok, tokenizer.vocab_size)
+        if "eos" not in ids:
+            found = [i for name in _EOS_NAMES if (i := tokenizer.token_to_id(name)) is not None]
+            if found:
+                ids["eos"] = found[0]
+        tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id = (
+            ids.get(k, -1) for k in ("bos", "eos", "pad"))
+        return tokenizer
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, np.int32)
+                for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if 0 <= i < self.vocab_size],
+                                skip_special_tokens=False)
+
+    def to_json(self) -> dict:
+        return {"type": "huggingface", "tokenizer": self.spec, "bos_id": self.bos_id,
+                "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+
+def _special_ids(directory: Path, tok, vocab_size: int) -> dict[str, int]:
+    """bos/eos/pad ids named by the HuggingFace files in `directory`, first file first."""
+    def read(name: str) -> dict:
+        try:
+            return json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    ids: dict[str, int] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        spec = read(name)
+        for key in ("bos", "eos", "pad"):
+            token = spec.get(f"{key}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if key not in ids and isinstance(token, str) and tok.token_to_id(token) is not None:
+                ids[key] = tok.token_to_id(token)
+    for name in ("generation_config.json", "config.json"):
+        spec = read(name)
+        for key in ("bos", "eos", "pad"):
+            value = spec.get(f"{key}_token_id")
+            value = value[0] if isinstance(value, list) and value else value
+            if key not in ids and isinstance(value, int) and 0 <= value < vocab_size:
+                ids[key] = value
+    return ids
 
 
 # Sentencepiece drops longer "sentences" silently, so long lines are fed in pieces of this size.
@@ -158,19 +260,26 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
 
 
 def fit_tokenizer(kind: str, texts: Sequence[str]) -> Tokenizer:
-    """`char`, `byte`, `train:N` (sentencepiece of N pieces on `texts`) or a `.model` path."""
+    """`char`, `byte`, `train:N` (sentencepiece of N pieces on `texts`), a `.model` path, or a
+    `.json` path: an lm tokenizer.json (a workdir's, e.g. `python -m lm.hf import`'s) or a
+    HuggingFace one."""
     if kind == "char":
         return CharTokenizer.fit(texts)
     if kind == "byte":
         return ByteTokenizer()
     if kind.startswith("train:"):
         return train_sentencepiece(texts, int(kind.split(":", 1)[1]))
+    if kind.endswith(".json"):
+        return load(kind)
     return SentencePieceTokenizer.from_file(kind)
 
 
 def from_json(spec: dict) -> Tokenizer:
     if spec["type"] == "sentencepiece":
         return SentencePieceTokenizer(base64.b64decode(spec["model"]))
+    if spec["type"] == "huggingface":
+        return HuggingFaceTokenizer(spec["tokenizer"], spec["bos_id"], spec["eos_id"],
+                                    spec["pad_id"])
     return CharTokenizer(spec["chars"]) if spec["type"] == "char" else ByteTokenizer()
 
 
@@ -178,8 +287,18 @@ def save(tokenizer: Tokenizer, path: Path) -> None:
     Path(path).write_text(json.dumps(tokenizer.to_json(), ensure_ascii=False))
 
 
-def load(path: Path) -> Tokenizer:
-    return from_json(json.loads(Path(path).read_text()))
+def load(path: str | Path) -> Tokenizer:
+    """An lm tokenizer.json; a HuggingFace tokenizer.json (no "type" field) is wrapped as is."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"tokenizer {path} does not exist")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConfigError(f"tokenizer {path} is not JSON ({e})") from None
+    if isinstance(spec, dict) and "type" not in spec and "model" in spec:
+        return HuggingFaceTokenizer.from_pretrained(path)
+    return from_json(spec)
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,428 @@
+"""HuggingFace interop: GPT-2 and LLaMA built with transformers, imported, compared logit by logit,
+exported back, round-tripped, sampled, fine-tuned; tokenizers; one-line errors for bad input.
+
+Nothing is downloaded: the models are small random ones (perturbed away from initialisation, so a
+swapped or transposed tensor cannot hide behind norm scales of 1 and biases of 0) and the BPE
+tokenizer is trained here.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+hf_tokenizers = pytest.importorskip("tokenizers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from trees import assert_trees_close  # noqa: E402
+
+from lm import hf  # noqa: E402
+from lm import tokenizer as tokenizers  # noqa: E402
+from lm.checkpoint import Checkpointer, restore_params  # noqa: E402
+from lm.config import ConfigError, default_config  # noqa: E402
+from lm.model import ModelConfig, Transformer  # noqa: E402
+from lm import sampling  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 300
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+LINES = ["The quick brown fox jumps over the lazy dog.",
+         "Le cœur a ses raisons que la raison ne connaît point.",
+         "春眠不觉晓，处处闻啼鸟。 emoji 🎉🚀, family 👨‍👩‍👧",
+         "a\tb\r\nc\x00d double  spaces   and trailing  ", "combining: e\u0301 n\u0303", ""]
+
+
+def run(module, *args):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def last_line(result):
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A corpus of random words (predictable inside a word) and a byte-level BPE trained on it."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    corpus = root / "words.txt"
+    corpus.write_text(" ".join(rng.choice(WORDS, 20_000)) + "\n")
+    bpe = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
+    bpe.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = hf_tokenizers.decoders.ByteLevel()
+    trainer = hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+        initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([corpus.read_text()[:20_000]] + LINES * 20, trainer)
+    bpe.save(str(root / "tokenizer.json"))
+    return corpus, root / "tokenizer.json"
+
+
+def perturb(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+
+
+def train_briefly(model, ids, steps=30):
+    """A few Adam steps on the corpus, so the model's loss is far below ln(vocab)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    rng = np.random.default_rng(0)
+    model.train()
+    for _ in range(steps):
+        starts = rng.integers(0, len(ids) - 32, 16)
+        batch = torch.tensor(np.stack([ids[s:s + 32] for s in starts]))
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2(data, tmp_path_factory):
+    """GPT-2, trained a little on the words with the BPE tokenizer, saved with it."""
+    corpus, tokenizer_file = data
+    out = tmp_path_factory.mktemp("gpt2")
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2,
+                                     n_head=4, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config)
+    perturb(model, 0)
+    bpe = hf_tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    train_briefly(model, np.array(bpe.encode(corpus.read_text()).ids))
+    model.save_pretrained(out)
+    shutil.copy(tokenizer_file, out / "tokenizer.json")
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """LLaMA with grouped-query attention, an untied head, a non-default rope_theta and epsilon,
+    and a sentencepiece tokenizer.model."""
+    out = tmp_path_factory.mktemp("llama")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, rope_theta=500.0, rms_norm_eps=1e-5, bos_token_id=1,
+        eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config)
+    perturb(model, 1)
+    model.eval()
+    model.save_pretrained(out)
+    spm = tokenizers.train_sentencepiece([" ".join(WORDS)] * 50, vocab_size=290)
+    (out / "tokenizer.model").write_bytes(spm.model_proto)
+    return model, out
+
+
+def import_into(model_and_folder, workdir):
+    """(transformers model, its folder, the imported workdir, lm config, lm params)."""
+    model, folder = model_and_folder
+    config = hf.import_checkpoint(folder, workdir)
+    cfg = ModelConfig.from_config(config.model, config.model.vocab_size)
+    return model, folder, workdir, cfg, restore_params(workdir, hf.param_shapes(cfg))
+
+
+@pytest.fixture(scope="module")
+def gpt2_lm(gpt2, tmp_path_factory):
+    return import_into(gpt2, tmp_path_factory.mktemp("gpt2_lm"))
+
+
+@pytest.fixture(scope="module")
+def llama_lm(llama, tmp_path_factory):
+    return import_into(llama, tmp_path_factory.mktemp("llama_lm"))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def imported(request):
+    return request.getfixturevalue(f"{request.param}_lm")
+
+
+def export(imported, out):
+    hf.export_checkpoint(imported[2], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt2_exported(gpt2_lm, tmp_path_factory):
+    return export(gpt2_lm, tmp_path_factory.mktemp("gpt2_exported"))
+
+
+@pytest.fixture(scope="module")
+def llama_exported(llama_lm, tmp_path_factory):
+    return export(llama_lm, tmp_path_factory.mktemp("llama_exported"))
+
+
+@pytest.fixture(scope="module")
+def exported(imported, request):
+    name = "gpt2" if isinstance(imported[0], transformers.GPT2LMHeadModel) else "llama"
+    return request.getfixturevalue(f"{name}_exported")
+
+
+def lm_logits(cfg, params, ids):
+    return np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, ids))
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def next_token_loss(logits, ids):
+    logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+
+
+def token_ids(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, VOCAB, shape).astype(np.int32)
+
+
+def test_imported_model_matches_transformers_logits_and_loss(imported):
+    model, _, _, cfg, params = imported
+    ids = token_ids((2, 24))
+    ours, theirs = lm_logits(cfg, params, ids), hf_logits(model, ids)
+    print(f"{type(model).__name__}: max |logit difference| {np.abs(ours - theirs).max():.2e}")
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        hf_loss = model(torch.tensor(ids, dtype=torch.long),
+                        labels=torch.tensor(ids, dtype=torch.long)).loss.item()
+    assert next_token_loss(ours.astype(np.float64), ids) == pytest.approx(hf_loss, abs=1e-5)
+
+
+def test_import_writes_the_workdir_contract(imported):
+    model, folder, workdir, cfg, params = imported
+    config = json.loads((workdir / "config.json").read_text())
+    assert set(config) == set(default_config())
+    assert config["model"]["vocab_size"] == VOCAB and config["model"]["num_layers"] == 2
+    assert config["model"]["num_kv_heads"] == (getattr(model.config, "num_key_value_heads", 0)
+                                               or model.config.num_attention_heads)
+    assert Path(config["data"]["tokenizer"]) == (workdir / "tokenizer.json").resolve()
+    tok = tokenizers.load(workdir / "tokenizer.json")
+    if (folder / "tokenizer.model").exists():  # the LLaMA: sentencepiece, embedded as it was
+        assert isinstance(tok, tokenizers.SentencePieceTokenizer)
+        assert tok.model_proto == (folder / "tokenizer.model").read_bytes()
+    else:
+        assert isinstance(tok, tokenizers.HuggingFaceTokenizer) and tok.eos_id == 0
+    assert (workdir / "checkpoints" / "0" / "params").is_dir()
+    # A run in this workdir passes over the parameters-only step (init_from loads it).
+    checkpointer = Checkpointer(workdir / "checkpoints", default_config().train)
+    assert checkpointer.steps() == [0] and checkpointer.restore_latest(None) is None
+    checkpointer.close()
+    assert (workdir / "checkpoints" / "0" / "params").is_dir()
+    assert jax.tree.structure(params) == jax.tree.structure(hf.param_shapes(cfg))
+    assert params["layers"]["attn"]["query"]["kernel"].shape[0] == 2  # scanned layout
+
+
+def test_exported_model_loads_in_transformers_with_the_same_logits(imported, exported):
+    model, folder, _, cfg, params = imported
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    assert type(loaded) is type(model)
+    ids = token_ids((2, 24), seed=1)
+    diff = np.abs(hf_logits(loaded, ids) - lm_logits(cfg, params, ids)).max()
+    print(f"exported {type(model).__name__}: max |logit difference| {diff:.2e}")
+    assert diff <= 1e-4
+    for name in ("tokenizer.json", "tokenizer.model"):  # the tokenizer goes back as it came
+        if (folder / name).exists():
+            assert (exported / name).read_bytes() == (folder / name).read_bytes()
+    generation = json.loads((exported / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == model.config.eos_token_id
+
+
+def test_import_export_import_round_trips_exactly(imported, exported, tmp_path):
+    _, _, _, cfg, params = imported
+    config = hf.import_checkpoint(exported, tmp_path / "again")
+    assert ModelConfig.from_config(config.model, config.model.vocab_size) == cfg
+    assert_trees_close(restore_params(tmp_path / "again", hf.param_shapes(cfg)), params)
+
+
+def greedy(model, params, prompt, num_new):
+    """lm's greedy decoding: KV-cache prefill, then one token per step."""
+    options = sampling.SamplingOptions(temperature=0.0)
+    return np.asarray(sampling.generate(model, params, [prompt], num_new, options=options)[0])
+
+
+def test_greedy_continuation_matches_transformers_generate(imported):
+    model, _, _, cfg, params = imported
+    prompt = token_ids((6,), seed=2)
+    ours = greedy(Transformer(cfg), params, prompt, 12)
+    with torch.no_grad():
+        out = model.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=12,
+                             do_sample=False, pad_token_id=0)
+    theirs = out[0, len(prompt):].numpy()
+    if not np.array_equal(ours, theirs):  # only a near-tie may send float noise another way
+        first = int(np.argmax(ours != theirs))
+        top2 = np.sort(hf_logits(model, np.concatenate([prompt, theirs[:first]])[None])[0, -1])
+        assert top2[-1] - top2[-2] < 1e-4, (ours, theirs)
+
+
+def test_sharded_safetensors_and_pytorch_bin_import_the_same(gpt2_lm, tmp_path):
+    model, folder, _, cfg, params = gpt2_lm
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(folder / "config.json", pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    for source in (sharded, pickled):
+        hf.import_checkpoint(source, tmp_path / f"{source.name}_lm")
+        assert_trees_close(restore_params(tmp_path / f"{source.name}_lm", hf.param_shapes(cfg)),
+                           params)
+
+
+def test_a_native_lm_model_exports_unrolled_tied_with_biases(tmp_path):
+    """A LLaMA-style lm model with every bias, a tied head, unrolled layers and a padded vocab."""
+    config = default_config()
+    config.model.update(num_layers=2, num_heads=4, num_kv_heads=2, d_model=32, context_length=16,
+                        norm="rmsnorm", position="rope", mlp="swiglu", use_bias=True,
+                        tie_embeddings=True, scan_layers=False)
+    config.data.tokenizer = "byte"
+    cfg = ModelConfig.from_config(config.model, 384)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.3,
+                          hf.param_shapes(cfg))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(config.to_json_best_effort())
+    tokenizers.save(tokenizers.ByteTokenizer(), tmp_path / "run" / "tokenizer.json")
+    hf._save_params(params, tmp_path / "run" / "checkpoints", step=7)
+    assert hf.export_checkpoint(tmp_path / "run", tmp_path / "out", step=7) == hf.LLAMA
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.attention_bias and loaded.config.tie_word_embeddings
+    assert loaded.config.vocab_size == 384 and loaded.config.eos_token_id == 256
+    ids = token_ids((2, 16))
+    np.testing.assert_allclose(hf_logits(loaded, ids), lm_logits(cfg, params, ids), atol=1e-4)
+
+
+def test_imported_workdir_fine_tunes_from_the_command_line(gpt2, data, tmp_path):
+    """The CLI import, then `lm.train` from it: the first loss is the imported model's loss."""
+    model, folder = gpt2
+    corpus, _ = data
+    result = run("lm.hf", "import", f"--hf_dir={folder}", f"--workdir={tmp_path / 'imported'}")
+    assert result.returncode == 0, result.stderr
+    assert "imported" in result.stdout
+    result = run("lm.train", f"--config=configs/imported.py:{tmp_path / 'imported'}",
+                 f"--workdir={tmp_path / 'run'}", f"--config.data.path={corpus}",
+                 "--config.train.steps=2", "--config.train.batch_size=8",
+                 "--config.train.log_every=1", "--config.train.eval_every=2",
+                 "--config.train.eval_batches=1", "--config.train.sample_length=8",
+                 "--config.optim.learning_rate=1e-4", "--config.optim.warmup_steps=1")
+    assert result.returncode == 0, result.stderr
+    assert "parameters initialised from" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["loss"] for r in records if r.get("step") == 1 and "loss" in r)
+    ids = tokenizers.load(tmp_path / "imported" / "tokenizer.json").encode(corpus.read_text())
+    windows = np.stack([ids[s:s + 32] for s in range(0, 64 * 32, 32)])
+    expected = next_token_loss(hf_logits(model, windows).astype(np.float64), windows)
+    assert first == pytest.approx(expected, abs=0.3)
+    assert first < math.log(VOCAB) - 2, result.stdout
+    # The fine-tuned run (saved from an 8-device mesh) exports like the import did.
+    hf.export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    cfg = ModelConfig.from_config(hf.load_run_config(tmp_path / "run").model, VOCAB)
+    tuned = restore_params(tmp_path / "run", hf.param_shapes(cfg))
+    np.testing.assert_allclose(hf_logits(loaded, windows[:2]), lm_logits(cfg, tuned, windows[:2]),
+                               atol=1e-4)
+
+
+def test_bpe_tokenizer_encodes_like_huggingface_and_round_trips(gpt2_lm, gpt2_exported):
+    _, folder, workdir, _, _ = gpt2_lm
+    ours = tokenizers.load(workdir / "tokenizer.json")
+    reference = hf_tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(gpt2_exported)
+    texts = LINES + [" ".join(WORDS), "<|endoftext|> a special token"]
+    for text in texts:
+        assert ours.encode(text).tolist() == reference.encode(text).ids
+        assert ours.encode(text).tolist() == auto.encode(text, add_special_tokens=False)
+        assert ours.decode(ours.encode(text)) == text
+    assert [x.tolist() for x in ours.encode_batch(texts)] == [ours.encode(t).tolist() for t in texts]
+    assert (ours.vocab_size, ours.eos_id, ours.bos_id) == (VOCAB, 0, 0)
+    assert auto.eos_token == "<|endoftext|>"
+    # A HuggingFace tokenizer.json also works directly as config.data.tokenizer.
+    direct = tokenizers.fit_tokenizer(str(folder / "tokenizer.json"), [])
+    assert direct.to_json() == ours.to_json()
+
+
+def test_sentencepiece_tokenizer_exports_to_an_equal_transformers_tokenizer(llama_lm,
+                                                                            llama_exported):
+    ours = tokenizers.load(llama_lm[2] / "tokenizer.json")
+    auto = transformers.AutoTokenizer.from_pretrained(llama_exported)
+    for text in [" ".join(WORDS), "  golf\thotel ", "unseen: wörld 🎉"]:
+        assert auto.encode(text, add_special_tokens=False) == ours.encode(text).tolist()
+        assert auto.decode(ours.encode(text)) == ours.decode(ours.encode(text)) == text
+    assert (auto.eos_token_id, auto.bos_token_id) == (ours.eos_id, ours.bos_id) == (2, 1)
+
+
+def write_config(folder, **config):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+LLAMA_CONFIG = dict(architectures=["LlamaForCausalLM"], vocab_size=VOCAB, hidden_size=64,
+                    intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(architectures=["BertForMaskedLM"]), "architecture BertForMaskedLM is not supported"),
+    ({**LLAMA_CONFIG, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+     "rope scaling 'linear'"),
+    ({**LLAMA_CONFIG, "hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({**LLAMA_CONFIG, "head_dim": 32}, "head_dim=32"),
+    ({**LLAMA_CONFIG, "attention_bias": True}, "attention_bias=True but mlp_bias=None"),
+    (dict(architectures=["GPT2LMHeadModel"], activation_function="relu", n_embd=64),
+     "activation_function='relu'"),
+    (LLAMA_CONFIG, "has no weights: expected model.safetensors"),
+])
+def test_unsupported_or_incomplete_folders_are_one_line_errors(tmp_path, config, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        hf.import_checkpoint(write_config(tmp_path / "hf", **config), tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_wrong_shape_and_missing_tensors_are_named(gpt2, tmp_path):
+    _, folder = gpt2
+    tensors = load_file(folder / "model.safetensors")
+    bad = shutil.copytree(folder, tmp_path / "bad")
+    name = "transformer.h.1.attn.c_attn.weight"
+    save_file({**tensors, name: tensors[name][:, :-3]}, bad / "model.safetensors")
+    with pytest.raises(ConfigError, match=rf"{name} has shape \[64, 189\], but config.json "
+                                          rf"implies \[64, 192\]"):
+        hf.import_checkpoint(bad, tmp_path / "out")
+    save_file({k: v for k, v in tensors.items() if k != name}, bad / "model.safetensors")
+    with pytest.raises(ConfigError, match=f"1 tensors missing from the weights, e.g. {name}"):
+        hf.import_checkpoint(bad, tmp_path / "out")
+
+
+def test_export_of_a_model_neither_class_has_is_an_error(tmp_path):
+    config = default_config()
+    config.model.update(position="rope", vocab_size=128, num_layers=1)
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    with pytest.raises(ConfigError, match="maps onto neither GPT2LMHeadModel"):
+        hf.export_checkpoint(tmp_path, tmp_path / "out")
+
+
+def test_command_line_errors(tmp_path):
+    result = run("lm.hf", "import", f"--hf_dir={tmp_path}", f"--workdir={tmp_path / 'out'}")
+    assert last_line(result).startswith(f"error: {tmp_path / 'config.json'} does not exist")
+    # Without safetensors installed: say what to install (a stand-in module that fails to import).
+    (tmp_path / "hide" / "safetensors").mkdir(parents=True)
+    (tmp_path / "hide" / "safetensors" / "__init__.py").write_text("raise ImportError('hidden')")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'hide'}{os.pathsep}{ROOT}")
+    result = subprocess.run([sys.executable, "-m", "lm.hf", "export", f"--workdir={tmp_path}",
+                             f"--hf_dir={tmp_path / 'out'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert "pip install safetensors tokenizers" in last_line(result)
