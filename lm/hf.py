@@ -517,14 +517,10 @@ def load_run_config(workdir: str | Path) -> ConfigDict:
 
 
 def _run_model_config(config: ConfigDict, tok: Any) -> ModelConfig:
-    vocab = config.model.vocab_size
-    if not vocab:
-        if tok is None:
-            raise ConfigError("the workdir has no tokenizer.json and its config.model.vocab_size "
-                              "is 0, so the vocabulary size is unknown")
-        multiple = config.model.vocab_multiple
-        vocab = -(-tok.vocab_size // multiple) * multiple
-    return ModelConfig.from_config(config.model, vocab)
+    if tok is None and not config.model.vocab_size:
+        raise ConfigError("the workdir has no tokenizer.json and its config.model.vocab_size "
+                          "is 0, so the vocabulary size is unknown")
+    return ModelConfig.for_run(config, tok.vocab_size if tok else config.model.vocab_size, 1)
 
 
 _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
