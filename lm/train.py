@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import checkpoint, data, flops, optim, sampling, sharding, step
+from lm import checkpoint, data, flops, optim, prepare, sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
@@ -133,13 +133,16 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
     workdir = Path(workdir)
     _check_resumable(config, workdir)
     saved_tokenizer = workdir / "tokenizer.json"
-    corpus = data.load_corpus(config.data, config.seed, tokenizers.load(saved_tokenizer)
-                              if saved_tokenizer.exists() else None)
+    corpus = prepare.prepared_data(config.data, config.seed, workdir, tokenizers.load(
+        saved_tokenizer) if saved_tokenizer.exists() else None)
     mesh = sharding.make_mesh(config)
     cfg = model_config(config, corpus.tokenizer.vocab_size, mesh.shape["tensor"])
     t = config.train
-    train_iter = data.train_batches(corpus.train, cfg.context_length, t.batch_size, config.seed)
-    val_batches = data.eval_batches(corpus.val, cfg.context_length, t.batch_size, t.eval_batches)
+    segment_eos = corpus.tokenizer.eos_id if config.data.segment_documents else None
+    train_iter = data.train_batches(corpus.train, cfg.context_length, t.batch_size, config.seed,
+                                    segment_eos=segment_eos)
+    val_batches = data.eval_batches(corpus.val, cfg.context_length, t.batch_size, t.eval_batches,
+                                    segment_eos=segment_eos)
 
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -152,16 +155,18 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
     steps = step.compile_steps(model, optim.make_optimizer(config.optim, t.steps), schedule, mesh,
                                seed=config.seed, batch_size=t.batch_size, z_loss=t.z_loss,
                                grad_accum_steps=config.optim.grad_accum_steps,
-                               skip_nonfinite=t.skip_nonfinite)
+                               skip_nonfinite=t.skip_nonfinite,
+                               segments=config.data.segment_documents)
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", t)
     state = _restore_or_init(steps, checkpointer, train_iter, t.init_from)
     start = int(state.step)
 
-    unigram = data.unigram_cross_entropy(corpus.train, corpus.val, cfg.vocab_size)
+    unigram = data.unigram_cross_entropy(*corpus.counts, cfg.vocab_size)
     console(f"model: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
             f"{cfg.num_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size} "
             f"(tokenizer {corpus.tokenizer.vocab_size})")
-    console(f"data: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
+    console(f"data: {len(corpus.train):,} train / {len(corpus.val):,} val tokens "
+            f"({corpus.meta['dtype']} shards in {corpus.directory}); "
             f"unigram baseline {unigram:.3f} nats/token")
     console(f"mesh: {dict(mesh.shape)} on {mesh.devices.flat[0].platform}; step compiled in "
             f"{steps.compile_seconds:.1f}s, ~{(steps.memory_bytes_per_device or 0) / 2**20:,.0f} "
