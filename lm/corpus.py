@@ -136,6 +136,7 @@ def read_documents(data: ConfigDict) -> list[Document]:
                               f"leave it out of config.data.path or set config.data.format=text")
         else:
             docs.append(_read_text(file))
+    docs = [d for d in docs if d]  # an empty text would be a lone end-of-document id
     if not any(texts(docs)):
         raise ConfigError(f"config.data.path={data.path!r}: the corpus is empty")
     return docs

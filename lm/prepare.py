@@ -104,7 +104,8 @@ def _encode(tokenizer: tokenizers.Tokenizer, docs: Sequence[corpus.Document], dt
         ids = np.concatenate([p for doc in docs for p in (tokenizer.encode(doc), eos)])
         weights = None
     else:
-        parts = [(tokenizer.encode(prompt), tokenizer.encode(completion)) for prompt, completion in docs]
+        parts = [(tokenizer.encode(prompt), tokenizer.encode(completion))
+                 for prompt, completion in docs]
         ids = np.concatenate([p for prompt, completion in parts for p in (prompt, completion, eos)])
         weights = np.concatenate([w for prompt, completion in parts for w in (
             np.zeros(len(prompt), np.uint8), np.ones(len(completion) + 1, np.uint8))])
@@ -263,9 +264,10 @@ def prepare(data: ConfigDict, seed: int, out: str | Path,
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    megabytes = input_bytes / 1e6
     console(f"data: prepared {out}: {splits['train']['tokens']:,} train / "
             f"{splits['val']['tokens']:,} val tokens from {len(docs):,} documents, "
-            f"{input_bytes / 1e6:.1f} MB tokenized in {seconds:.1f}s ({input_bytes / 1e6 / seconds:.1f} MB/s), "
+            f"{megabytes:.1f} MB tokenized in {seconds:.1f}s ({megabytes / seconds:.1f} MB/s), "
             f"vocab {tokenizer.vocab_size} as {dtype}")
     return True
 
@@ -304,8 +306,8 @@ def prepared_data(data: ConfigDict, seed: int, workdir: str | Path,
             raise ConfigError(f"{data.path} was tokenized with another tokenizer than this run's "
                               f"{Path(workdir) / 'tokenizer.json'}; use a new --workdir, or "
                               f"prepare the data with this run's tokenizer")
-        console(f"data: {data.path}, prepared with tokenizer {prepared.meta['tokenizer_source']!r} "
-                f"(config.data's tokenizer, format and split settings apply when preparing only)")
+        console(f"data: {data.path} as prepared (its meta.json, not config.data, says which "
+                f"tokenizer, format and split)")
         return prepared
     out = Path(data.prepared_dir or Path(workdir) / "data")
     if jax.process_index() == 0:

@@ -274,7 +274,7 @@ def test_a_packed_document_has_the_logits_it_has_alone(tmp_path):
 
 def bad_inputs(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("utf-8") + "naïve".encode("latin-1"))
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode() + "naïve".encode("latin-1"))
     (tmp_path / "latin1.txt.gz").write_bytes(gzip.compress("ok\nnaïve".encode("latin-1")))
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "no closing brace"\n')
     (tmp_path / "fieldless.jsonl").write_text('{"text": "fine"}\n\n{"body": "elsewhere"}\n')
