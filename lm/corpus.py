@@ -150,8 +150,8 @@ def texts(docs: list[Document]) -> list[str]:
 def input_hash(data: ConfigDict) -> str:
     """A content hash of the inputs: each file's kind and bytes, in order (names do not matter).
 
-    Hashing reads every byte once (~1 GB/s), far cheaper than tokenizing; a built-in corpus hashes
-    its documents.
+    Hashing costs one read of the input, far less than tokenizing it; a built-in corpus hashes its
+    documents.
     """
     digest = hashlib.sha256()
     if data.path.startswith(BUILTIN):

@@ -6,7 +6,7 @@ A prepared directory holds:
     meta.json         what was prepared from what (below); written last, inside a temporary
                       directory that is renamed into place, so a directory with one is complete
     tokenizer.json    the tokenizer (lm/tokenizer.py's format)
-    counts.npy        [2, tokenizer vocab] int64: train and val token frequencies
+    counts.npy        [2, tokenizer vocab] int64: frequencies of the scored tokens of train and val
     train-00000.bin   raw token ids, uint16 when the vocabulary fits (<= 65536 ids) else uint32;
                       each document is followed by the end-of-document id, and a split's shards
                       concatenate to its token stream
@@ -56,7 +56,7 @@ class Prepared:
     tokenizer: tokenizers.Tokenizer
     train: TokenStream
     val: TokenStream
-    counts: np.ndarray  # [2, tokenizer vocab]: train and val token frequencies
+    counts: np.ndarray  # [2, tokenizer vocab]: train and val frequencies of the scored tokens
 
 
 def tokenizer_hash(tokenizer: tokenizers.Tokenizer) -> str:
@@ -94,7 +94,7 @@ def _up_to_date(out: Path, key: dict, source: str, tokenizer: tokenizers.Tokeniz
 
 def _encode(tokenizer: tokenizers.Tokenizer, docs: Sequence[corpus.Document], dtype: str
             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """(ids, loss weight of each id as a target or None for plain text, id counts).
+    """(ids, loss weight of each id as a target or None for plain text, counts of scored ids).
 
     Each document is followed by the end-of-document id; an example is its prompt's ids then its
     completion's, encoded apart so that the prompt/completion boundary is a token boundary.
@@ -109,7 +109,8 @@ def _encode(tokenizer: tokenizers.Tokenizer, docs: Sequence[corpus.Document], dt
         ids = np.concatenate([p for prompt, completion in parts for p in (prompt, completion, eos)])
         weights = np.concatenate([w for prompt, completion in parts for w in (
             np.zeros(len(prompt), np.uint8), np.ones(len(completion) + 1, np.uint8))])
-    return ids.astype(dtype), weights, np.bincount(ids, minlength=tokenizer.vocab_size)
+    scored = ids if weights is None else ids[weights == 1]
+    return ids.astype(dtype), weights, np.bincount(scored, minlength=tokenizer.vocab_size)
 
 
 _worker_tokenizer: tokenizers.Tokenizer | None = None  # one per worker process, built once

@@ -220,6 +220,7 @@ def test_the_mask_is_zero_exactly_where_the_target_is_a_prompt_token(examples):
     (batch,) = data.eval_batches(examples.train, LENGTH, count, 1)  # every window, in order
     targets = np.arange(count)[:, None] * LENGTH + 1 + np.arange(LENGTH)
     np.testing.assert_array_equal(batch["mask"], 1 - is_prompt[targets])
+    assert examples.counts[0].sum() == (1 - is_prompt).sum()  # the baseline counts scored tokens
     assert char.decode(batch["targets"][batch["mask"] == 1]).replace("\n", "") != ""
     assert set(char.decode(batch["targets"][batch["mask"] == 0])) <= set("Q: +?\nA0123456789")
 
