@@ -152,8 +152,8 @@ def _chunks(docs: list[corpus.Document]) -> Iterator[tuple[list[corpus.Document]
 class _ShardWriter:
     """Appends a split's ids (and weights) to shard files of SHARD_TOKENS tokens each."""
 
-    def __init__(self, directory: Path, split: str, dtype: str):
-        self.directory, self.split, self.dtype = directory, split, dtype
+    def __init__(self, directory: Path, split: str):
+        self.directory, self.split = directory, split
         self.shards: list[str] = []
         self.masks: list[str] = []
         self._room = 0
@@ -195,7 +195,7 @@ def _tokenize_splits(directory: Path, splits: dict[str, list[corpus.Document]],
             inputs = [(docs, dtype) for docs, _ in split_tasks]
             results = (_in_order(pool, inputs, 2 * workers) if pool else
                        (_encode(tokenizer, *task) for task in inputs))
-            writer, tokens = _ShardWriter(directory, name, dtype), 0
+            writer, tokens = _ShardWriter(directory, name), 0
             for (ids, weights, chunk_counts), (_, size) in zip(results, split_tasks):
                 writer.write(ids, weights)
                 counts[row] += chunk_counts
