@@ -48,9 +48,16 @@ def default_config() -> ConfigDict:
     m.attention_impl = "auto"   # auto (cuDNN flash attention on GPU in 16-bit, else xla) | xla | cudnn
 
     c.data = d = ConfigDict()
-    d.path = "builtin:python_docs"  # file, directory or glob (comma-separated), or builtin:python_docs
+    d.path = "builtin:python_docs"  # .txt/.jsonl(.gz) file, directory or glob (comma-separated),
+                                    # builtin:python_docs, or a directory `python -m lm.prepare` wrote
     d.tokenizer = "char"            # char | byte | train:N (sentencepiece, N pieces) | a .model path
-    d.val_fraction = 0.1            # held out by document; a single document is split at its end
+    d.val_fraction = 0.1            # held out by document; fewer than 10 texts: each one's tail
+    d.format = "text"               # text | prompt_completion (jsonl examples, loss on completions)
+    d.text_field = "text"           # the field of a .jsonl line that holds a document
+    d.prompt_field = "prompt"       # prompt_completion: the fields of an example
+    d.completion_field = "completion"
+    d.segment_documents = False     # attention and positions restart at every document (packing)
+    d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
 
     c.optim = o = ConfigDict()
     o.learning_rate = 1e-3
@@ -106,6 +113,7 @@ _CHOICES = {
     "model.attention_impl": ("auto", "xla", "cudnn"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
+DATA_FORMATS = ("text", "prompt_completion")
 
 
 def _get(config: ConfigDict, path: str):
@@ -155,6 +163,21 @@ def mesh_shape(config: ConfigDict, num_devices: int) -> tuple[int, ...]:
     return tuple(i * d for i, d in zip(ici, dcn))
 
 
+def validate_data(data: ConfigDict) -> None:
+    """The checks of `config.data` alone (all that `python -m lm.prepare` needs)."""
+    _check(data.format in DATA_FORMATS,
+           f"config.data.format={data.format!r} is not one of {', '.join(DATA_FORMATS)}")
+    tok = data.tokenizer
+    _check(tok in ("char", "byte") or tok.endswith((".model", ".json"))
+           or re.fullmatch(r"train:[1-9]\d*", tok) is not None,
+           f"config.data.tokenizer={tok!r} is not char, byte, train:N, a sentencepiece .model "
+           f"path or a tokenizer .json path")
+    _check(0.0 <= data.val_fraction < 1.0,
+           f"config.data.val_fraction={data.val_fraction} must be in [0, 1)")
+    for name in ("text_field", "prompt_field", "completion_field"):
+        _check(bool(data[name]), f"config.data.{name} is empty; name the jsonl field to read")
+
+
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError naming the field and the fix for anything that would fail later."""
     num_devices = jax.device_count() if num_devices is None else num_devices
@@ -182,13 +205,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     _check(m.remat_policy == "none" or hasattr(jax.checkpoint_policies, m.remat_policy),
            f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
            f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")
-    tok = config.data.tokenizer
-    _check(tok in ("char", "byte") or tok.endswith((".model", ".json"))
-           or re.fullmatch(r"train:[1-9]\d*", tok) is not None,
-           f"config.data.tokenizer={tok!r} is not char, byte, train:N, a sentencepiece .model "
-           f"path or a tokenizer .json path")
-    _check(0.0 <= config.data.val_fraction < 1.0,
-           f"config.data.val_fraction={config.data.val_fraction} must be in [0, 1)")
+    validate_data(config.data)
     for path in ("optim.learning_rate", "optim.min_learning_rate", "optim.weight_decay",
                  "optim.grad_clip", "optim.warmup_steps", "optim.decay_steps", "train.z_loss",
                  "train.checkpoint_every_minutes", "train.keep_every"):

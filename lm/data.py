@@ -1,150 +1,80 @@
-"""Text corpora -> token streams -> shuffled, process-sharded batches of next-token windows.
+"""Prepared token shards -> shuffled, process-sharded grain batches of next-token windows.
 
-A corpus is a list of documents: the files matched by `config.data.path` (one document per file), or
-the built-in `builtin:python_docs` (CPython's own reference documentation and stdlib docstrings,
-present wherever Python is, so the quickstart needs no download).
+A split is a `TokenStream`: its memory-mapped shards read as one stream (lm/prepare.py writes them).
+Only the windows a process batches are ever read, and grain's iterator state is a position in the
+sequence of windows, so a checkpoint holds a few integers and a restored run reads exactly the next
+batch.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import glob
-import os
-import sysconfig
-from pathlib import Path
-from typing import Iterator
+import bisect
+import functools
+from typing import Iterator, Sequence
 
 import grain
 import jax
 import numpy as np
-from ml_collections import ConfigDict
 
-from lm import tokenizer as tokenizers
 from lm.config import ConfigError
 
-BUILTIN = "builtin:"
+Batch = dict[str, np.ndarray]
 
 
-def python_docs() -> list[str]:
-    """The pydoc topics (language reference) and the docstrings of the stdlib's top-level modules."""
-    import pydoc_data.topics
+class TokenStream:
+    """A split's token ids, and for prompt/completion data each token's loss weight as a target,
+    stored in shards and read as one stream: a window may span two shards."""
 
-    docs = [text for _, text in sorted(pydoc_data.topics.topics.items())]
-    for source in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            tree = ast.parse(source.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue  # a stdlib file this parser cannot read contributes nothing
-        docs += [doc for node in ast.walk(tree)
-                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                      ast.AsyncFunctionDef)) and (doc := ast.get_docstring(node))]
-    return docs
-
-
-_BUILTINS = {"python_docs": python_docs}
-
-
-def _expand(path: str) -> list[str]:
-    files: list[str] = []
-    for part in filter(None, (p.strip() for p in path.split(","))):
-        if os.path.isdir(part):
-            matches = [str(p) for p in sorted(Path(part).rglob("*")) if p.is_file()]
-        else:
-            matches = sorted(glob.glob(part, recursive=True))
-        if not matches:
-            raise ConfigError(f"config.data.path={part!r} matches no files (cwd {os.getcwd()}); "
-                              f"pass an existing file, directory or glob with --config.data.path")
-        files += matches
-    return files
-
-
-def read_documents(path: str) -> list[str]:
-    if path.startswith(BUILTIN):
-        name = path[len(BUILTIN):]
-        if name not in _BUILTINS:
-            raise ConfigError(f"config.data.path={path!r}: unknown built-in corpus; "
-                              f"available: {', '.join(BUILTIN + n for n in _BUILTINS)}")
-        return _BUILTINS[name]()
-    docs = []
-    for file in _expand(path):
-        try:
-            docs.append(Path(file).read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{file}: not UTF-8 text (byte offset {e.start}); convert it or "
-                              f"leave it out of config.data.path") from None
-    if not any(docs):
-        raise ConfigError(f"config.data.path={path!r}: the corpus is empty")
-    return docs
-
-
-def split_documents(docs: list[str], val_fraction: float, seed: int
-                    ) -> tuple[list[str], list[str]]:
-    """Hold out whole documents; a corpus of fewer than 10 documents holds out each one's tail.
-
-    The tail rule makes a single file split like nanoGPT's (the last 10% of Tiny Shakespeare).
-    """
-    if val_fraction == 0:
-        return docs, []
-    if len(docs) < 10:
-        cuts = [int(len(d) * (1 - val_fraction)) for d in docs]
-        return [d[:c] for d, c in zip(docs, cuts)], [d[c:] for d, c in zip(docs, cuts) if d[c:]]
-    order = np.random.default_rng(seed).permutation(len(docs))
-    held_out = set(order[:max(1, round(len(docs) * val_fraction))].tolist())
-    return ([d for i, d in enumerate(docs) if i not in held_out],
-            [d for i, d in enumerate(docs) if i in held_out])
-
-
-def token_stream(docs: list[str], tokenizer: tokenizers.Tokenizer) -> np.ndarray:
-    """All documents' tokens, each document followed by the end-of-document id."""
-    eos = np.array([tokenizer.eos_id], np.int32)
-    parts = [p for doc in docs for p in (tokenizer.encode(doc), eos)]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
-
-
-@dataclasses.dataclass
-class Corpus:
-    tokenizer: tokenizers.Tokenizer
-    train: np.ndarray
-    val: np.ndarray
-
-
-def load_corpus(data: ConfigDict, seed: int, tokenizer: tokenizers.Tokenizer | None = None
-                ) -> Corpus:
-    """The corpus split and tokenized, with `tokenizer` or one fitted to the corpus."""
-    docs = read_documents(data.path)
-    train_docs, val_docs = split_documents(docs, data.val_fraction, seed)
-    # A trained vocabulary sees only the training split; a character vocabulary must cover every
-    # character the validation split holds as well.
-    fit_on = docs if data.tokenizer == "char" else train_docs
-    tokenizer = tokenizer or tokenizers.fit_tokenizer(data.tokenizer, fit_on)
-    return Corpus(tokenizer, token_stream(train_docs, tokenizer), token_stream(val_docs, tokenizer))
-
-
-def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
-    """Nats per token of val under train's add-one-smoothed token frequencies: the bar to beat."""
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
-    log_p = np.log(counts / counts.sum())
-    return float(-log_p[val].mean())
-
-
-class Windows:
-    """Non-overlapping windows of `length + 1` tokens: inputs and their next-token targets."""
-
-    def __init__(self, tokens: np.ndarray, length: int):
-        self.tokens, self.length = tokens, length
+    def __init__(self, shards: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None):
+        self.shards, self.weights = list(shards), None if weights is None else list(weights)
+        self._starts = [0]
+        for shard in self.shards:
+            self._starts.append(self._starts[-1] + len(shard))
 
     def __len__(self) -> int:
-        return max(len(self.tokens) - 1, 0) // self.length
+        return self._starts[-1]
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        start = index * self.length
-        return self.tokens[start:start + self.length + 1]
+    def _read(self, arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+        i = bisect.bisect_right(self._starts, start) - 1
+        parts = []
+        while start < stop and i < len(arrays):
+            local = start - self._starts[i]
+            take = min(stop, self._starts[i + 1]) - start
+            parts.append(arrays[i][local:local + take])
+            start, i = start + take, i + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def window(self, start: int, size: int) -> dict[str, np.ndarray]:
+        """Positions [start, start + size): `tokens`, and `weights` when the stream has them."""
+        window = {"tokens": self._read(self.shards, start, start + size)}
+        if self.weights is not None:
+            window["weights"] = self._read(self.weights, start, start + size)
+        return window
 
 
-def _to_batch(windows: np.ndarray) -> dict[str, np.ndarray]:
-    return {"inputs": windows[:, :-1].astype(np.int32), "targets": windows[:, 1:].astype(np.int32),
-            "mask": np.ones(windows[:, 1:].shape, np.float32)}
+def segments(inputs: np.ndarray, eos_id: int) -> Batch:
+    """Segment ids and positions of packed documents in [rows, length] inputs.
+
+    A document's end-of-document token is its own last token (as when it is tokenized alone), so a
+    new segment, with positions from 0, starts right after each one.
+    """
+    starts = np.ones(inputs.shape, bool)
+    starts[:, 1:] = inputs[:, :-1] == eos_id
+    index = np.arange(inputs.shape[1], dtype=np.int32)
+    return {"segment_ids": np.cumsum(starts, axis=1, dtype=np.int32),
+            "positions": index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)}
+
+
+def _to_batch(windows: dict[str, np.ndarray], segment_eos: int | None) -> Batch:
+    tokens = windows["tokens"].astype(np.int32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    # A token's weight says whether it is scored as a target (0 on prompts, for fine-tuning).
+    mask = (windows["weights"][:, 1:].astype(np.float32) if "weights" in windows
+            else np.ones(targets.shape, np.float32))
+    batch = {"inputs": inputs, "targets": targets, "mask": mask}
+    if segment_eos is not None:
+        batch.update(segments(inputs, segment_eos))
+    return batch
 
 
 def _check_windows(count: int, num_tokens: int, split: str, length: int) -> None:
@@ -154,34 +84,69 @@ def _check_windows(count: int, num_tokens: int, split: str, length: int) -> None
                           f"config.data.val_fraction, or a smaller config.model.context_length")
 
 
-def train_batches(tokens: np.ndarray, length: int, global_batch: int, seed: int
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def _process_rows(global_batch: int, process_index: int | None, process_count: int | None
+                  ) -> tuple[int, int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if global_batch % count:
+        raise ConfigError(f"config.train.batch_size={global_batch} must be divisible by the "
+                          f"{count} processes")
+    return index, count, global_batch // count
+
+
+def train_batches(tokens: TokenStream, length: int, global_batch: int, seed: int, *,
+                  segment_eos: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None) -> Iterator[Batch]:
     """Endless batches of this process's rows: each epoch is a fresh permutation of the windows,
-    which start at a fresh random offset so that every epoch cuts the text at different places."""
+    which start at a fresh random offset so that every epoch cuts the text at different places.
+
+    Global batch k is windows k*global_batch... of that sequence; process p takes every
+    process_count-th of them from p, and reads no others. With `segment_eos`, batches also carry
+    `segment_ids` and `positions` that restart after each end-of-document token.
+    """
     per_epoch = max(len(tokens) - length, 0) // length  # room for any offset below `length`
     _check_windows(per_epoch, len(tokens), "train", length)
+    process_index, process_count, rows = _process_rows(global_batch, process_index, process_count)
 
-    def window(index: int, position: int) -> np.ndarray:
-        offset = np.random.default_rng([seed, index // per_epoch]).integers(length)
-        start = offset + position * length
-        return tokens[start:start + length + 1]
+    @functools.lru_cache(maxsize=2)
+    def offset(epoch: int) -> int:
+        return int(np.random.default_rng([seed, epoch]).integers(length))
 
-    rows = global_batch // jax.process_count()
+    def window(index: int, position: int) -> dict[str, np.ndarray]:
+        return tokens.window(offset(index // per_epoch) + position * length, length + 1)
+
     dataset = (grain.MapDataset.range(per_epoch).shuffle(seed=seed).repeat(None)
-               .map_with_index(window)[jax.process_index()::jax.process_count()]
-               .batch(rows, drop_remainder=True).map(_to_batch))
+               .map_with_index(window)[process_index::process_count]
+               .batch(rows, drop_remainder=True)
+               .map(functools.partial(_to_batch, segment_eos=segment_eos)))
     return iter(dataset.to_iter_dataset())
 
 
-def eval_batches(tokens: np.ndarray, length: int, global_batch: int, num_batches: int
-                 ) -> list[dict[str, np.ndarray]]:
+def eval_batches(tokens: TokenStream, length: int, global_batch: int, num_batches: int, *,
+                 segment_eos: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> list[Batch]:
     """The same validation batches at every evaluation: windows spread evenly over the split.
 
     A split with fewer windows than `num_batches` batches need gives fewer batches (at least one).
     """
-    windows = Windows(tokens, length)
-    _check_windows(len(windows), len(tokens), "validation", length)
-    num_batches = min(num_batches, max(1, len(windows) // global_batch))
-    picks = np.linspace(0, len(windows) - 1, num_batches * global_batch).round().astype(int)
-    rows = picks.reshape(num_batches, global_batch)[:, jax.process_index()::jax.process_count()]
-    return [_to_batch(np.stack([windows[i] for i in batch])) for batch in rows]
+    count = max(len(tokens) - 1, 0) // length
+    _check_windows(count, len(tokens), "validation", length)
+    process_index, process_count, _ = _process_rows(global_batch, process_index, process_count)
+    num_batches = min(num_batches, max(1, count // global_batch))
+    picks = np.linspace(0, count - 1, num_batches * global_batch).round().astype(int)
+    rows = picks.reshape(num_batches, global_batch)[:, process_index::process_count]
+    batches = []
+    for batch in rows:
+        windows = [tokens.window(i * length, length + 1) for i in batch]
+        stacked = {k: np.stack([w[k] for w in windows]) for k in windows[0]}
+        batches.append(_to_batch(stacked, segment_eos))
+    return batches
+
+
+def unigram_cross_entropy(train_counts: np.ndarray, val_counts: np.ndarray, vocab_size: int
+                          ) -> float:
+    """Nats per token of val under train's add-one-smoothed token frequencies: the bar to beat."""
+    counts = np.ones(vocab_size, np.float64)
+    counts[:len(train_counts)] += train_counts
+    log_p = np.log(counts / counts.sum())
+    return float(-(val_counts * log_p[:len(val_counts)]).sum() / val_counts.sum())

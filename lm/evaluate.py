@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from absl import app, flags, logging
+from ml_collections import ConfigDict
 
 from lm.config import ConfigError, parse_flags
 from lm.metrics import console
@@ -48,16 +49,25 @@ _TRUNCATE = flags.DEFINE_bool("truncate_prompt", False, "Keep a too-long prompt'
                               "instead of failing.")
 
 
-def _validation_documents(run) -> list[str]:
-    from lm import data
-    docs = data.read_documents(run.config.data.path)
-    return data.split_documents(docs, run.config.data.val_fraction, run.config.seed)[1]
+def _documents(run) -> tuple[list[str], str]:
+    """(texts, where they came from): --data's files, else the run's validation split. An example
+    of prompt/completion data is scored as the one text it makes."""
+    from lm import corpus, prepare
+    data = ConfigDict(run.config.data.to_dict())
+    if _DATA.value:
+        data.update(path=_DATA.value, format="text")
+        return corpus.read_documents(data), _DATA.value
+    if prepare.is_prepared(data.path):
+        raise ConfigError(f"the run trained on prepared shards ({data.path}), which keep no "
+                          f"document text; pass the text to score with --data")
+    held_out = corpus.split_documents(corpus.read_documents(data), data.val_fraction,
+                                      run.config.seed)[1]
+    texts = ["".join(d) if isinstance(d, tuple) else d for d in held_out]
+    return texts, f"the validation split of {data.path}"
 
 
 def perplexity(run) -> dict:
-    from lm import data
-    source = _DATA.value or f"the validation split of {run.config.data.path}"
-    docs = data.read_documents(_DATA.value) if _DATA.value else _validation_documents(run)
+    docs, source = _documents(run)
     if not any(docs):
         raise ConfigError(f"{source} has no text to score; pass files with text in --data")
     stride = _STRIDE.value or max(1, run.model.cfg.context_length // 2)

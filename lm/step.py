@@ -1,7 +1,9 @@
 """The train state and the pure step functions, compiled with explicit shardings over the mesh.
 
 A batch is a dict of [batch, length] arrays: `inputs` and `targets` (token ids) and `mask` (loss
-weight per position: 0 on padding, or on prompt tokens when fine-tuning on completions).
+weight per position: 0 on padding, or where the target is a prompt token when fine-tuning on
+completions); with packed documents also `segment_ids` and `positions` (attention stays within a
+segment, positions restart at each).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def loss_sums(params: Any, model: Transformer, batch: Batch, z_loss: float,
 
     Sums rather than means, so that micro-batches add up to exactly the full batch's gradient.
     """
-    logits = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                         segment_ids=batch.get("segment_ids"),
                          deterministic=dropout_rng is None,
                          rngs=None if dropout_rng is None else {"dropout": dropout_rng})
     weights = batch["mask"].astype(jnp.float32)
@@ -115,20 +118,26 @@ class CompiledSteps:
     memory_bytes_per_device: int | None
 
 
-def _abstract_batch(mesh: Mesh, batch_size: int, length: int) -> Batch:
+def _abstract_batch(mesh: Mesh, batch_size: int, length: int, segments: bool) -> Batch:
     spec = jax.ShapeDtypeStruct((batch_size, length), jnp.int32,
                                 sharding=sharding.batch_sharding(mesh))
-    return {"inputs": spec, "targets": spec,
-            "mask": jax.ShapeDtypeStruct(spec.shape, jnp.float32, sharding=spec.sharding)}
+    batch = {"inputs": spec, "targets": spec,
+             "mask": jax.ShapeDtypeStruct(spec.shape, jnp.float32, sharding=spec.sharding)}
+    if segments:
+        batch.update(segment_ids=spec, positions=spec)
+    return batch
 
 
 def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
                   schedule: optax.Schedule, mesh: Mesh, *, seed: int, batch_size: int,
                   z_loss: float = 0.0, grad_accum_steps: int = 1,
-                  skip_nonfinite: bool = False) -> CompiledSteps:
-    """Compile init/train/eval for `mesh`. The state is created directly sharded, never whole."""
+                  skip_nonfinite: bool = False, segments: bool = False) -> CompiledSteps:
+    """Compile init/train/eval for `mesh`. The state is created directly sharded, never whole.
+
+    `segments`: batches carry `segment_ids` and `positions` (config.data.segment_documents).
+    """
     length = model.cfg.context_length
-    batch = _abstract_batch(mesh, batch_size, length)
+    batch = _abstract_batch(mesh, batch_size, length, segments)
 
     def init() -> TrainState:
         boxed = model.init(jax.random.key(seed), jnp.zeros((1, length), jnp.int32))["params"]

@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import checkpoint, data, distributed, flops, optim, sampling, sharding, step
+from lm import checkpoint, data, distributed, flops, optim, prepare, sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
@@ -120,35 +120,40 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
     workdir = Path(workdir)
     _check_resumable(config, workdir)
     saved_tokenizer = workdir / "tokenizer.json"
-    corpus = data.load_corpus(config.data, config.seed, tokenizers.load(saved_tokenizer)
-                              if saved_tokenizer.exists() else None)
+    prepared = prepare.prepared_data(config.data, config.seed, workdir, tokenizers.load(
+        saved_tokenizer) if saved_tokenizer.exists() else None)
     mesh = sharding.make_mesh(config)
-    cfg = ModelConfig.for_run(config, corpus.tokenizer.vocab_size, mesh.shape["tensor"])
+    cfg = ModelConfig.for_run(config, prepared.tokenizer.vocab_size, mesh.shape["tensor"])
     t = config.train
-    train_iter = data.train_batches(corpus.train, cfg.context_length, t.batch_size, config.seed)
-    val_batches = data.eval_batches(corpus.val, cfg.context_length, t.batch_size, t.eval_batches)
+    segment_eos = prepared.tokenizer.eos_id if config.data.segment_documents else None
+    train_iter = data.train_batches(prepared.train, cfg.context_length, t.batch_size, config.seed,
+                                    segment_eos=segment_eos)
+    val_batches = data.eval_batches(prepared.val, cfg.context_length, t.batch_size, t.eval_batches,
+                                    segment_eos=segment_eos)
 
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         if not (workdir / "config.json").exists():
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        tokenizers.save(corpus.tokenizer, saved_tokenizer)
+        tokenizers.save(prepared.tokenizer, saved_tokenizer)
 
     model = Transformer(cfg)
     schedule = optim.learning_rate_schedule(config.optim, t.steps)
     steps = step.compile_steps(model, optim.make_optimizer(config.optim, t.steps), schedule, mesh,
                                seed=config.seed, batch_size=t.batch_size, z_loss=t.z_loss,
                                grad_accum_steps=config.optim.grad_accum_steps,
-                               skip_nonfinite=t.skip_nonfinite)
+                               skip_nonfinite=t.skip_nonfinite,
+                               segments=config.data.segment_documents)
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", t)
     state = _restore_or_init(steps, checkpointer, train_iter, t.init_from)
     start = int(state.step)
 
-    unigram = data.unigram_cross_entropy(corpus.train, corpus.val, cfg.vocab_size)
+    unigram = data.unigram_cross_entropy(*prepared.counts, cfg.vocab_size)
     console(f"model: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
             f"{cfg.num_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size} "
-            f"(tokenizer {corpus.tokenizer.vocab_size})")
-    console(f"data: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
+            f"(tokenizer {prepared.tokenizer.vocab_size})")
+    console(f"data: {len(prepared.train):,} train / {len(prepared.val):,} val tokens "
+            f"({prepared.meta['dtype']} shards in {prepared.directory}); "
             f"unigram baseline {unigram:.3f} nats/token")
     console(f"mesh: {dict(mesh.shape)} on {mesh.devices.flat[0].platform}; step compiled in "
             f"{steps.compile_seconds:.1f}s, ~{(steps.memory_bytes_per_device or 0) / 2**20:,.0f} "
@@ -187,13 +192,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
     if start == t.steps:
         console(f"{workdir} is already at step {start} of {t.steps}: nothing to train")
         val_loss = evaluate(steps, state.params, val_batches, mesh, t.batch_size)
-    prompt = tokenizers.document_ids(corpus.tokenizer, t.sample_prompt)
+    prompt = tokenizers.document_ids(prepared.tokenizer, t.sample_prompt)
     length = min(t.sample_length, cfg.context_length - 1)
     options = sampling.SamplingOptions(temperature=t.sample_temperature, top_k=t.sample_top_k)
     [tokens] = sampling.generate(model, state.params, [prompt[-(cfg.context_length - length):]],
                                  length, options=options, seed=config.seed, mesh=mesh,
-                                 valid_vocab=corpus.tokenizer.vocab_size)
-    text = corpus.tokenizer.decode(tokens)
+                                 valid_vocab=prepared.tokenizer.vocab_size)
+    text = prepared.tokenizer.decode(tokens)
     console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
     return {"train_loss": metrics.get("loss"), "val_loss": val_loss, "unigram_baseline": unigram,
             "steps": t.steps}

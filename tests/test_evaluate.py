@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import lm
-from lm import data
+from lm import corpus
 from lm.config import default_config
 from lm.perplexity import windows
 from lm.tokenizer import document_ids
@@ -112,8 +112,8 @@ def test_perplexity_binary_scores_the_validation_split_and_writes_json(workdir, 
     assert result.returncode == 0, result.stderr
     numbers = json.loads(out.read_text())
     config = run.config
-    docs = data.split_documents(data.read_documents(config.data.path), config.data.val_fraction,
-                                config.seed)[1]
+    docs = corpus.split_documents(corpus.read_documents(config.data), config.data.val_fraction,
+                                  config.seed)[1]
     expected = run.perplexity(docs, stride=16)
     assert numbers["tokens"] == expected.tokens and numbers["step"] == 10
     assert numbers["cross_entropy"] == pytest.approx(expected.cross_entropy, rel=1e-5)

@@ -108,15 +108,17 @@ def test_model_vocabulary_is_padded_or_checked_against_the_tokenizer():
 
 
 def test_train_n_in_the_config_trains_on_the_training_split_only(tmp_path):
-    from lm import data
+    from lm import corpus, prepare
 
     docs = [f"document {i}: " + LINES[i % len(LINES)] * 5 for i in range(40)]
+    (tmp_path / "docs").mkdir()
     for i, doc in enumerate(docs):
-        (tmp_path / f"{i:02}.txt").write_text(doc)
+        (tmp_path / "docs" / f"{i:02}.txt").write_text(doc)
     config = default_config().data
-    config.update(path=str(tmp_path), tokenizer="train:420", val_fraction=0.1)
-    corpus = data.load_corpus(config, seed=0)
-    assert corpus.tokenizer.vocab_size == 420
-    assert json.loads(json.dumps(corpus.tokenizer.to_json()))["type"] == "sentencepiece"
-    train_docs, val_docs = data.split_documents(data.read_documents(str(tmp_path)), 0.1, 0)
-    assert corpus.tokenizer.to_json() == tokenizers.train_sentencepiece(train_docs, 420).to_json()
+    config.update(path=str(tmp_path / "docs"), tokenizer="train:420", val_fraction=0.1)
+    prepare.prepare(config, 0, tmp_path / "prepared")
+    tokenizer = prepare.load(tmp_path / "prepared").tokenizer
+    assert tokenizer.vocab_size == 420
+    assert json.loads(json.dumps(tokenizer.to_json()))["type"] == "sentencepiece"
+    train_docs, val_docs = corpus.split_documents(corpus.read_documents(config), 0.1, 0)
+    assert tokenizer.to_json() == tokenizers.train_sentencepiece(train_docs, 420).to_json()

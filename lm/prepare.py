@@ -1,0 +1,345 @@
+"""Tokenize a corpus once, in parallel, into binary token shards that training memory-maps.
+
+    python -m lm.prepare --config=configs/quickstart.py --out=data/python_docs
+
+A prepared directory holds:
+    meta.json         what was prepared from what (below); written last, inside a temporary
+                      directory that is renamed into place, so a directory with one is complete
+    tokenizer.json    the tokenizer (lm/tokenizer.py's format)
+    counts.npy        [2, tokenizer vocab] int64: frequencies of the scored tokens of train and val
+    train-00000.bin   raw token ids, uint16 when the vocabulary fits (<= 65536 ids) else uint32;
+                      each document is followed by the end-of-document id, and a split's shards
+                      concatenate to its token stream
+    train-00000.mask  prompt/completion data only: uint8 per token, 1 where the token is scored as
+                      a target (completion and end-of-document), 0 on prompt tokens
+    val-00000.bin ...
+
+meta.json's `key` (content hash of the inputs, the data config that shapes the shards, the seed of
+the split) with the tokenizer decides reuse: a rerun with the same key and tokenizer does nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from lm import corpus
+from lm import tokenizer as tokenizers
+from lm.config import ConfigError, load_config_flag, parse_flags, validate_data
+from lm.data import TokenStream
+from lm.metrics import console
+
+VERSION = 1
+CHUNK_BYTES = 4 << 20   # text per tokenization task; more than one task starts worker processes
+SHARD_TOKENS = 1 << 27  # tokens per shard file
+
+
+@dataclasses.dataclass
+class Prepared:
+    directory: Path
+    meta: dict
+    tokenizer: tokenizers.Tokenizer
+    train: TokenStream
+    val: TokenStream
+    counts: np.ndarray  # [2, tokenizer vocab]: train and val frequencies of the scored tokens
+
+
+def tokenizer_hash(tokenizer: tokenizers.Tokenizer) -> str:
+    return hashlib.sha256(json.dumps(tokenizer.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def _tokenizer_source(spec: str) -> str:
+    """What fixes the tokenizer before it is built: the spec, and a .model file's bytes."""
+    if spec.endswith(".model") and Path(spec).is_file():
+        return "sentencepiece sha256:" + hashlib.sha256(Path(spec).read_bytes()).hexdigest()
+    return spec
+
+
+def _key(data: ConfigDict, seed: int) -> dict:
+    fields = ("text_field",) if data.format == "text" else ("prompt_field", "completion_field")
+    return {"version": VERSION, "inputs": corpus.input_hash(data), "seed": seed,
+            "format": data.format, "val_fraction": data.val_fraction,
+            **{name: data[name] for name in fields}}
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / "meta.json").is_file()
+
+
+def _up_to_date(out: Path, key: dict, source: str, tokenizer: tokenizers.Tokenizer | None) -> bool:
+    if not is_prepared(out):
+        return False
+    meta = json.loads((out / "meta.json").read_text())
+    if meta.get("key") != key:
+        return False
+    if tokenizer is not None:
+        return meta["tokenizer_hash"] == tokenizer_hash(tokenizer)
+    return meta["tokenizer_source"] == source
+
+
+def _encode(tokenizer: tokenizers.Tokenizer, docs: Sequence[corpus.Document], dtype: str
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(ids, loss weight of each id as a target or None for plain text, counts of scored ids).
+
+    Each document is followed by the end-of-document id; an example is its prompt's ids then its
+    completion's, encoded apart so that the prompt/completion boundary is a token boundary.
+    """
+    eos = np.array([tokenizer.eos_id], np.int32)
+    if docs and isinstance(docs[0], str):
+        ids = np.concatenate([p for doc in docs for p in (tokenizer.encode(doc), eos)])
+        weights = None
+    else:
+        parts = [(tokenizer.encode(prompt), tokenizer.encode(completion))
+                 for prompt, completion in docs]
+        ids = np.concatenate([p for prompt, completion in parts for p in (prompt, completion, eos)])
+        weights = np.concatenate([w for prompt, completion in parts for w in (
+            np.zeros(len(prompt), np.uint8), np.ones(len(completion) + 1, np.uint8))])
+    scored = ids if weights is None else ids[weights == 1]
+    return ids.astype(dtype), weights, np.bincount(scored, minlength=tokenizer.vocab_size)
+
+
+_worker_tokenizer: tokenizers.Tokenizer | None = None  # one per worker process, built once
+
+
+def _init_worker(spec: dict) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizers.from_json(spec)
+
+
+def _encode_in_worker(task: tuple[Sequence[corpus.Document], str]):
+    return _encode(_worker_tokenizer, *task)
+
+
+def _in_order(pool: ProcessPoolExecutor, tasks: list, ahead: int) -> Iterator:
+    """The workers' results in task order, with at most `ahead` tasks' text in flight."""
+    pending: collections.deque[Future] = collections.deque()
+    for task in tasks:
+        pending.append(pool.submit(_encode_in_worker, task))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _chunks(docs: list[corpus.Document]) -> Iterator[tuple[list[corpus.Document], int]]:
+    """Consecutive documents of about CHUNK_BYTES of UTF-8, with their size in bytes."""
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += sum(len(t.encode("utf-8")) for t in corpus.texts([doc]))
+        if size >= CHUNK_BYTES:
+            yield chunk, size
+            chunk, size = [], 0
+    if chunk:
+        yield chunk, size
+
+
+class _ShardWriter:
+    """Appends a split's ids (and weights) to shard files of SHARD_TOKENS tokens each."""
+
+    def __init__(self, directory: Path, split: str):
+        self.directory, self.split = directory, split
+        self.shards: list[str] = []
+        self.masks: list[str] = []
+        self._room = 0
+
+    def write(self, ids: np.ndarray, weights: np.ndarray | None) -> None:
+        while len(ids):
+            if not self._room:
+                self.shards.append(f"{self.split}-{len(self.shards):05d}.bin")
+                if weights is not None:
+                    self.masks.append(f"{self.split}-{len(self.masks):05d}.mask")
+                self._room = SHARD_TOKENS
+            take = min(self._room, len(ids))
+            with open(self.directory / self.shards[-1], "ab") as f:
+                f.write(ids[:take].tobytes())
+            if weights is not None:
+                with open(self.directory / self.masks[-1], "ab") as f:
+                    f.write(weights[:take].tobytes())
+                weights = weights[take:]
+            ids, self._room = ids[take:], self._room - take
+
+
+def _tokenize_splits(directory: Path, splits: dict[str, list[corpus.Document]],
+                     tokenizer: tokenizers.Tokenizer, dtype: str, progress: bool
+                     ) -> tuple[dict, np.ndarray]:
+    """Write each split's shards into `directory`; (per-split meta, [splits, vocab] counts)."""
+    tasks = {name: list(_chunks(docs)) for name, docs in splits.items()}
+    # Starting workers costs a second or two: worth it from two full chunks of text on.
+    full_chunks = sum(size for t in tasks.values() for _, size in t) // CHUNK_BYTES
+    workers = min(os.cpu_count() or 1, full_chunks)
+    pool = None
+    if workers > 1:  # spawn, not fork: the parent may hold JAX's threads
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(tokenizer.to_json(),))
+    meta, counts = {}, np.zeros((len(splits), tokenizer.vocab_size), np.int64)
+    bar = tqdm(total=sum(size for t in tasks.values() for _, size in t), unit="B", unit_scale=True,
+               desc="tokenize", dynamic_ncols=True, disable=None if progress else True)
+    try:
+        for row, (name, split_tasks) in enumerate(tasks.items()):
+            inputs = [(docs, dtype) for docs, _ in split_tasks]
+            results = (_in_order(pool, inputs, 2 * workers) if pool else
+                       (_encode(tokenizer, *task) for task in inputs))
+            writer, tokens = _ShardWriter(directory, name), 0
+            for (ids, weights, chunk_counts), (_, size) in zip(results, split_tasks):
+                writer.write(ids, weights)
+                counts[row] += chunk_counts
+                tokens += len(ids)
+                bar.update(size)
+            meta[name] = {"tokens": tokens, "documents": len(splits[name]),
+                          "shards": writer.shards, "masks": writer.masks or None}
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return meta, counts
+
+
+def _replace(partial: Path, out: Path) -> None:
+    """Move the finished `partial` to `out`; any moment's interruption leaves no trusted `out`."""
+    if out.exists():
+        stale = out.with_name(f".{out.name}.stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        out.rename(stale)
+        partial.rename(out)
+        shutil.rmtree(stale)
+    else:
+        partial.rename(out)
+
+
+def prepare(data: ConfigDict, seed: int, out: str | Path,
+            tokenizer: tokenizers.Tokenizer | None = None) -> bool:
+    """Make `out` the prepared form of `data`'s corpus, unless it already is; True if it tokenized.
+
+    `tokenizer` (a resumed run's) is used as is; otherwise `data.tokenizer` is built as a run builds
+    it: a trained vocabulary sees only the training split, a character vocabulary the whole corpus
+    (it must cover the validation split's characters too).
+    """
+    out = Path(out)
+    key, source = _key(data, seed), _tokenizer_source(data.tokenizer)
+    if _up_to_date(out, key, source, tokenizer):
+        console(f"data: reusing {out} (same inputs, tokenizer and data config)")
+        return False
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_prepared(out))):
+        raise ConfigError(f"{out} exists and is not a prepared data directory; pass a new or "
+                          f"empty directory to write the prepared data into")
+    docs = corpus.read_documents(data)
+    train_docs, val_docs = corpus.split_documents(docs, data.val_fraction, seed)
+    if tokenizer is None:
+        fit_on = docs if data.tokenizer == "char" else train_docs
+        tokenizer = tokenizers.fit_tokenizer(data.tokenizer, corpus.texts(fit_on))
+    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+    progress = jax.process_index() == 0  # (the first call starts JAX's backend: not timed below)
+    start = time.perf_counter()
+
+    partial = out.with_name(f".{out.name}.partial")  # a killed run's leftover is started afresh
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        splits, counts = _tokenize_splits(partial, {"train": train_docs, "val": val_docs},
+                                          tokenizer, dtype, progress)
+        tokenizers.save(tokenizer, partial / "tokenizer.json")
+        np.save(partial / "counts.npy", counts)
+        seconds = time.perf_counter() - start  # tokenizing and writing, not fitting the tokenizer
+        input_bytes = sum(len(t.encode("utf-8")) for t in corpus.texts(docs))
+        meta = {"key": key, "tokenizer_source": source, "tokenizer_hash": tokenizer_hash(tokenizer),
+                "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": dtype,
+                "format": data.format, "input_bytes": input_bytes, "splits": splits}
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+        _replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    megabytes = input_bytes / 1e6
+    console(f"data: prepared {out}: {splits['train']['tokens']:,} train / "
+            f"{splits['val']['tokens']:,} val tokens from {len(docs):,} documents, "
+            f"{megabytes:.1f} MB tokenized in {seconds:.1f}s ({megabytes / seconds:.1f} MB/s), "
+            f"vocab {tokenizer.vocab_size} as {dtype}")
+    return True
+
+
+def load(directory: str | Path) -> Prepared:
+    """A prepared directory, its shards memory-mapped."""
+    directory = Path(directory)
+    meta = json.loads((directory / "meta.json").read_text())
+
+    def stream(split: str) -> TokenStream:
+        info = meta["splits"][split]
+        shards = [np.memmap(directory / f, dtype=meta["dtype"], mode="r") for f in info["shards"]]
+        masks = info["masks"] and [np.memmap(directory / f, dtype=np.uint8, mode="r")
+                                   for f in info["masks"]]
+        tokens = TokenStream(shards, masks)
+        if len(tokens) != info["tokens"] or (masks and sum(map(len, masks)) != info["tokens"]):
+            raise ConfigError(f"{directory}: the {split} shards hold {len(tokens)} tokens, not the "
+                              f"{info['tokens']} of meta.json; delete the directory and prepare "
+                              f"again")
+        return tokens
+
+    return Prepared(directory, meta, tokenizers.load(directory / "tokenizer.json"),
+                    stream("train"), stream("val"), np.load(directory / "counts.npy"))
+
+
+def prepared_data(data: ConfigDict, seed: int, workdir: str | Path,
+                  tokenizer: tokenizers.Tokenizer | None = None) -> Prepared:
+    """A run's data: the prepared directory `data.path` names, or the corpus prepared into
+    `data.prepared_dir` (default `<workdir>/data`) now if it is missing or stale.
+
+    `tokenizer` is the run's own (when resuming); data tokenized with another is refused.
+    """
+    if is_prepared(data.path):
+        prepared = load(data.path)
+        if tokenizer is not None and tokenizer_hash(tokenizer) != prepared.meta["tokenizer_hash"]:
+            raise ConfigError(f"{data.path} was tokenized with another tokenizer than this run's "
+                              f"{Path(workdir) / 'tokenizer.json'}; use a new --workdir, or "
+                              f"prepare the data with this run's tokenizer")
+        console(f"data: {data.path} as prepared (its meta.json, not config.data, says which "
+                f"tokenizer, format and split)")
+        return prepared
+    out = Path(data.prepared_dir or Path(workdir) / "data")
+    if jax.process_index() == 0:
+        prepare(data, seed, out, tokenizer)
+    if jax.process_count() > 1:  # the others read what process 0 wrote (a shared filesystem)
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("lm.prepare")
+    return load(out)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _OUT.value:
+        sys.exit("error: --out is required (the directory to write the prepared data into)")
+    config = load_config_flag(_CONFIG)
+    try:
+        validate_data(config.data)
+        prepare(config.data, config.seed, _OUT.value)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    console(f"train on it with --config.data.path={_OUT.value}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", str(Path(__file__).resolve().parents[1] / "configs" / "default.py"),
+        "Run config file: its `data` section and `seed` say what to prepare.", lock_config=True)
+    _OUT = flags.DEFINE_string("out", None, "Directory to write the prepared data into.")
+    logging.set_verbosity(logging.WARNING)
+    app.run(main, flags_parser=parse_flags)
