@@ -9,6 +9,7 @@ that carry shardings reshards onto any mesh, each device reading only its own sh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,12 @@ class Checkpointer:
             try:
                 items = dict(params=ocp.args.StandardRestore(abstract_state.params),
                              opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
-                if data_iter is not None:
+                layout_changed = data_iter is not None and not self._own_data_state(step).exists()
+                if data_iter is not None and not layout_changed:
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
                 items = self._manager.restore(step, args=ocp.args.Composite(**items))
+                if layout_changed:
+                    self._restore_data_across_layouts(step, data_iter)
             except Exception as e:  # any damage: truncated files, missing items, bad metadata
                 self._set_aside(step, e)
                 continue
@@ -82,6 +86,23 @@ class Checkpointer:
                                         abstract_state.step.sharding)
             return TrainState(step=step_array, params=items.params, opt_state=items.opt_state)
         return None
+
+    def _own_data_state(self, step: int) -> Path:
+        return (self.directory / str(step) / "data" /
+                f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+
+    def _restore_data_across_layouts(self, step: int, data_iter: Any) -> None:
+        """Continue the data of a checkpoint written by another number of processes.
+
+        Every process's iterator yields its rows of global batch k at its k-th step, so its state
+        (the count of batches taken) is the same in any process layout: process 0's serves all.
+        """
+        saved = sorted((self.directory / str(step) / "data").glob("process_0-of-*.json"))
+        if not saved:
+            raise FileNotFoundError(f"no data-iterator state in checkpoint {step}")
+        data_iter.set_state(json.loads(saved[0].read_text()))
+        console(f"checkpoint {step} was written by {saved[0].stem.split('-of-')[1]} processes; "
+                f"each of the {jax.process_count()} now continues at the same global batch")
 
     def _set_aside(self, step: int, error: Exception) -> None:
         path = self.directory / str(step)

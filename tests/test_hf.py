@@ -262,6 +262,7 @@ def test_greedy_continuation_matches_transformers_generate(imported):
         out = model.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=12,
                              do_sample=False, pad_token_id=0)
     theirs = out[0, len(prompt):].numpy()
+    ours = ours[:len(theirs)]  # transformers may stop at the end-of-text token; lm here does not
     if not np.array_equal(ours, theirs):  # only a near-tie may send float noise another way
         first = int(np.argmax(ours != theirs))
         top2 = np.sort(hf_logits(model, np.concatenate([prompt, theirs[:first]])[None])[0, -1])
@@ -421,7 +422,8 @@ def test_command_line_errors(tmp_path):
     # Without safetensors installed: say what to install (a stand-in module that fails to import).
     (tmp_path / "hide" / "safetensors").mkdir(parents=True)
     (tmp_path / "hide" / "safetensors" / "__init__.py").write_text("raise ImportError('hidden')")
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'hide'}{os.pathsep}{ROOT}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(tmp_path / "hide"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-m", "lm.hf", "export", f"--workdir={tmp_path}",
                              f"--hf_dir={tmp_path / 'out'}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)

@@ -14,9 +14,14 @@ import pytest
 from lm.distributed import detected_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config=configs/tiny.py", "--config.train.steps=4", "--config.train.log_every=1",
-        "--config.train.eval_every=4", "--config.train.checkpoint_every=2",
-        "--config.optim.warmup_steps=2"]
+# The schedule ends at step 6 whatever train.steps is, so a run of 4 steps resumed to 6 is the same
+# run as one of 6.
+TINY = ["--config=configs/tiny.py", "--config.train.log_every=1", "--config.train.eval_every=4",
+        "--config.train.checkpoint_every=2", "--config.optim.warmup_steps=2",
+        "--config.optim.decay_steps=6"]
+SINGLE_MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=4"]
+# fsdp inside each process, data across the two: the hybrid (in-host x across-host) layout.
+TWO_PROCESS_MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.dcn_data=2"]
 
 
 def free_port() -> int:
@@ -54,28 +59,43 @@ def losses(workdir: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-def test_two_processes_train_like_one_process_with_the_same_global_mesh(tmp_path):
-    single = tmp_path / "single"
-    result = subprocess.run([sys.executable, "-m", "lm.train", *TINY, f"--workdir={single}",
-                             "--config.mesh.data=2", "--config.mesh.fsdp=4"], cwd=ROOT,
+def train_single(workdir: Path, steps: int) -> str:
+    result = subprocess.run([sys.executable, "-m", "lm.train", *TINY, *SINGLE_MESH,
+                             f"--config.train.steps={steps}", f"--workdir={workdir}"], cwd=ROOT,
                             env=env(8), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    multi = tmp_path / "multi"
-    # fsdp inside each process, data across the two: the hybrid (in-host x across-host) layout.
-    procs = launch(multi, ["--config.mesh.data=1", "--config.mesh.fsdp=-1",
-                           "--config.mesh.dcn_data=2"])
-    outputs = finish(procs, multi)
+    return result.stdout + result.stderr
+
+
+def train_two_processes(workdir: Path, steps: int) -> list[str]:
+    procs = launch(workdir, [*TWO_PROCESS_MESH, f"--config.train.steps={steps}"])
+    outputs = finish(procs, workdir)
     assert [p.returncode for p in procs] == [0, 0], outputs
+    return outputs
+
+
+def test_two_processes_train_and_resume_exactly_like_one_process(tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    train_single(single, 4)
+    outputs = train_two_processes(multi, 4)
     assert losses(multi) == pytest.approx(losses(single), rel=1e-5)
     assert len(losses(multi)) == 4  # one metrics writer, not two
     assert len(list(multi.glob("events.out.tfevents.*"))) == 1
     assert "step 4/4" in outputs[0] and "step 4/4" not in outputs[1]  # process 0 alone logs
     assert sorted(p.name for p in (multi / "checkpoints").iterdir()) == ["2", "4"]
 
+    # Each layout resumes the other's checkpoint, data position included.
+    outputs = train_two_processes(single, 6)
+    assert "written by 1 processes" in outputs[0]
+    assert "written by 2 processes" in train_single(multi, 6)
+    assert len(losses(single)) == len(losses(multi)) == 6
+    assert losses(single)[4:] == pytest.approx(losses(multi)[4:], rel=1e-5)
+
 
 def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
     workdir = tmp_path / "run"
-    procs = launch(workdir, ["--config.train.steps=100000"], extra=["--heartbeat_timeout_seconds=5"])
+    procs = launch(workdir, ["--config.train.steps=100000"],
+                   extra=["--heartbeat_timeout_seconds=5"])
     metrics = workdir / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text()):  # both are past compilation, training
         assert procs[0].poll() is None, (tmp_path / "process_0.log").read_text()
@@ -89,7 +109,7 @@ def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
 
 def test_explicit_coordinator_flags_must_come_together(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lm.train", *TINY, f"--workdir={tmp_path}",
-                             "--num_processes=2"], cwd=ROOT, env=env(8), capture_output=True,
+                             "--config.train.steps=4", "--num_processes=2"], cwd=ROOT, env=env(8), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(
