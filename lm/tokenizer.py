@@ -27,15 +27,29 @@ EOS = "<eos>"
 
 
 class Tokenizer(Protocol):
+    """Every tokenizer's interface. A special id a tokenizer lacks is -1."""
     vocab_size: int
+    bos_id: int
     eos_id: int
+    pad_id: int
 
     def encode(self, text: str) -> np.ndarray: ...
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def to_json(self) -> dict: ...
 
 
-class CharTokenizer:
+class _EndOfDocumentOnly:
+    """Character and byte vocabularies: no beginning-of-text or padding id, and no batch
+    encoder faster than one text at a time."""
+    bos_id = -1
+    pad_id = -1
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+
+class CharTokenizer(_EndOfDocumentOnly):
     """One id per character seen in the corpus; id 0 is end-of-document."""
 
     def __init__(self, chars: Sequence[str]):
@@ -67,7 +81,7 @@ class CharTokenizer:
         return {"type": "char", "chars": self.chars}
 
 
-class ByteTokenizer:
+class ByteTokenizer(_EndOfDocumentOnly):
     """UTF-8 bytes as ids 0..255; 256 is end-of-document. Handles any text."""
 
     vocab_size = 257

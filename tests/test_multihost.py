@@ -92,12 +92,11 @@ def test_two_processes_train_and_resume_exactly_like_one_process(tmp_path):
     assert losses(single)[4:] == pytest.approx(losses(multi)[4:], rel=1e-5)
 
 
-def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+def test_a_dead_process_stops_the_other_in_bounded_time_and_a_rerun_resumes(tmp_path):
     workdir = tmp_path / "run"
     procs = launch(workdir, ["--config.train.steps=100000"],
                    extra=["--heartbeat_timeout_seconds=5"])
-    metrics = workdir / "metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text()):  # both are past compilation, training
+    while not (workdir / "checkpoints" / "2" / "commit_success.txt").exists():
         assert procs[0].poll() is None, (tmp_path / "process_0.log").read_text()
         time.sleep(0.5)
     procs[1].kill()
@@ -105,6 +104,10 @@ def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
     procs[0].wait(timeout=120)
     assert procs[0].returncode != 0
     assert time.monotonic() - start < 60
+    rerun = launch(workdir, ["--config.train.steps=12"])
+    outputs = finish(rerun, workdir)
+    assert [p.returncode for p in rerun] == [0, 0], outputs
+    assert "resumed from step" in outputs[0] and "step 12/12" in outputs[0], outputs
 
 
 def test_explicit_coordinator_flags_must_come_together(tmp_path):

@@ -122,3 +122,12 @@ def test_train_n_in_the_config_trains_on_the_training_split_only(tmp_path):
     assert json.loads(json.dumps(tokenizer.to_json()))["type"] == "sentencepiece"
     train_docs, val_docs = corpus.split_documents(corpus.read_documents(config), 0.1, 0)
     assert tokenizer.to_json() == tokenizers.train_sentencepiece(train_docs, 420).to_json()
+
+
+def test_every_tokenizer_has_the_special_ids_and_a_batch_encoder(sentencepiece):
+    for tokenizer in (sentencepiece, tokenizers.ByteTokenizer(),
+                      tokenizers.CharTokenizer.fit(LINES)):
+        assert {tokenizer.bos_id, tokenizer.pad_id} <= set(range(-1, tokenizer.vocab_size))
+        assert 0 <= tokenizer.eos_id < tokenizer.vocab_size
+        batch = tokenizer.encode_batch(LINES)
+        assert [b.tolist() for b in batch] == [tokenizer.encode(t).tolist() for t in LINES]
