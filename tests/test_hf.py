@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from trees import assert_trees_close  # noqa: E402
 
+import lm  # noqa: E402
 from lm import hf  # noqa: E402
 from lm import tokenizer as tokenizers  # noqa: E402
 from lm.checkpoint import Checkpointer, restore_params  # noqa: E402
@@ -428,3 +429,14 @@ def test_command_line_errors(tmp_path):
                              f"--hf_dir={tmp_path / 'out'}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert "pip install safetensors tokenizers" in last_line(result)
+
+
+def test_lm_load_and_the_eval_binary_work_on_an_imported_workdir(imported):
+    model, _, workdir, _, _ = imported
+    loaded = lm.load(workdir)
+    ids = token_ids((2, 24))
+    np.testing.assert_allclose(loaded.logits(ids), hf_logits(model, ids), atol=1e-4, rtol=0)
+    assert loaded.perplexity("a short text").tokens > 0
+    result = run("lm.evaluate", f"--workdir={workdir}", "--mode=sample", "--prompt=a",
+                 "--max_new_tokens=5", "--temperature=0", "--num_return_sequences=2")
+    assert result.returncode == 0, result.stderr
