@@ -64,9 +64,10 @@ def tokenizer_hash(tokenizer: tokenizers.Tokenizer) -> str:
 
 
 def _tokenizer_source(spec: str) -> str:
-    """What fixes the tokenizer before it is built: the spec, and a .model file's bytes."""
-    if spec.endswith(".model") and Path(spec).is_file():
-        return "sentencepiece sha256:" + hashlib.sha256(Path(spec).read_bytes()).hexdigest()
+    """What fixes the tokenizer before it is built: the spec, and a tokenizer file's bytes."""
+    if spec.endswith((".model", ".json")) and Path(spec).is_file():
+        kind = "sentencepiece" if spec.endswith(".model") else "tokenizer.json"
+        return f"{kind} sha256:" + hashlib.sha256(Path(spec).read_bytes()).hexdigest()
     return spec
 
 
