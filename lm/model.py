@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -115,9 +116,13 @@ class Dense(nn.Module):
         cfg = self.cfg
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         std = cfg.init_std if self.std is None else self.std
-        kernel = self.param("kernel", _init(std, self.axes), x.shape[-self.in_dims:] + features,
-                            cfg.param_dtype)
-        y = jnp.tensordot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), self.in_dims)
+        in_shape = x.shape[-self.in_dims:]
+        kernel = self.param("kernel", _init(std, self.axes), in_shape + features, cfg.param_dtype)
+        # As one 2-D matmul: for a dot that contracts batch and length together (the kernel's
+        # gradient), XLA:CPU would otherwise transpose its operand inside a slow fused loop.
+        fan_in = math.prod(in_shape)
+        y = x.reshape(-1, fan_in).astype(cfg.dtype) @ kernel.reshape(fan_in, -1).astype(cfg.dtype)
+        y = y.reshape(x.shape[:-self.in_dims] + features)
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:])
             y = y + self.param("bias", bias_init, features, cfg.param_dtype).astype(cfg.dtype)

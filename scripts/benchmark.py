@@ -3,11 +3,27 @@
     python scripts/benchmark.py                  # the CPU suite
     python scripts/benchmark.py --suite=gpu      # GPT-2 small and the 1B LLaMA in bfloat16
     python scripts/benchmark.py --rows=train_shakespeare_char,matmul_f32 --output_json=bench.json
+    python scripts/benchmark.py --rows=train_shakespeare_char_torch   # only the PyTorch row
+    python scripts/benchmark.py --notorch        # the lm rows alone
 
 Train rows run `lm.step`'s compiled train step on random tokens (data loading is measured apart).
 MFU counts FLOPs with the PaLM formula of `lm/flops.py` (6N + 12LTd per token, exact under scan),
 against two peaks: the matmul rate this machine just measured through XLA (`mfu_measured`) and,
 on an accelerator, the vendor's dense bf16 peak (`mfu_vendor`, e.g. 989 TFLOP/s for an H100/H200).
+
+In the CPU suite, the train, sample and perplexity rows have a PyTorch pair, `<row>_torch`: the
+same shapes in HuggingFace transformers' `GPT2LMHeadModel` (float32, random weights, dropout 0,
+"sdpa" attention, PyTorch's default thread count), run in the same way and in the same run:
+  train: forward with labels, backward, `clip_grad_norm_(1.0)`, AdamW (lr 1e-3, betas (0.9, 0.99),
+    weight decay 0.1) step, `zero_grad`; the Shakespeare rows use nanoGPT's shapes in GPT-2's class.
+  sample: `generate` after the lm row's 4-token prompt with exactly the lm row's new tokens
+    (`min_new_tokens`), greedy or plain temperature sampling (`top_k=0`: no top-50 filter).
+  perplexity: an `inference_mode` forward with the loss.
+Naming an lm row in --rows runs its pair after it; --notorch leaves out every PyTorch row. The lm
+row's `vs_torch` is its throughput over its pair's (tokens/s; above 1, lm is faster). Without torch
+or transformers installed, the PyTorch rows are skipped with a note.
+
+Slow rows cap --repeats (`Row.max_repeats`): on 2 CPU cores the whole CPU suite takes ~9 minutes.
 """
 
 from __future__ import annotations
@@ -31,50 +47,76 @@ _SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which set of rows to
 _ROWS = flags.DEFINE_list("rows", [], "Run only these rows (names from the suite tables).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per row; the median is reported.")
 _OUTPUT = flags.DEFINE_string("output_json", "", "Also write the results here.")
+_TORCH = flags.DEFINE_bool("torch", True, "Run the PyTorch rows, each after its lm row.")
 _ROW = flags.DEFINE_string("row", "", "Internal: run this one row in this process, print JSON.")
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    kind: str                      # matmul | memory | train | compile | sample | perplexity
+    kind: str                      # matmul | memory | train | compile | sample | perplexity,
+                                   # or torch_train | torch_sample | torch_perplexity
     config: str = ""               # configs/*.py for train and compile rows
     overrides: tuple = ()          # (("model.num_layers", 2), ...)
     dtype: str = "float32"         # matmul rows
     size: int = 2048               # matmul rows: the matrix side; memory rows: MiB read
     steps: int = 10                # train steps per timed repeat
-    batch: int = 1                 # sample and perplexity rows
+    batch: int = 1                 # sample, perplexity and torch rows
     new_tokens: int = 0            # sample rows
     temperature: float = 0.0       # sample rows
+    gpt2: tuple = ()               # torch rows: GPT2Config fields; train rows fill n_positions
+    max_repeats: int = 0           # caps --repeats for slow rows (0: no cap)
 
 
 _NANOGPT_6L = (("model.num_layers", 6), ("model.num_heads", 6), ("model.d_model", 384),
                ("model.context_length", 256), ("train.batch_size", 16))
 _GPT2_F32 = (("model.dtype", "float32"), ("model.remat_policy", "none"))
 # The well-known HuggingFace example: 3 samples of max_length=100 after a 4-token prompt.
+# max_repeats: on 2 CPU cores the slow rows take 4 to 25 s a repeat, in lm and in PyTorch alike;
+# the caps keep the CPU suite, PyTorch rows included, under 10 minutes.
 _SAMPLING = {
     "sample_gpt2_small_3x96_t0.7": Row("sample", "configs/gpt2_small.py", _GPT2_F32, batch=3,
-                                       new_tokens=96, temperature=0.7),
+                                       new_tokens=96, temperature=0.7, max_repeats=3),
     "sample_gpt2_small_1x128_greedy": Row("sample", "configs/gpt2_small.py", _GPT2_F32, batch=1,
-                                          new_tokens=128),
+                                          new_tokens=128, max_repeats=3),
     "sample_gpt2_small_8x128_t0.7": Row("sample", "configs/gpt2_small.py", _GPT2_F32, batch=8,
-                                        new_tokens=128, temperature=0.7),
+                                        new_tokens=128, temperature=0.7, max_repeats=2),
+}
+# The lm row's prompt for GPT-2's vocabulary: four tokens, as "Once upon a time".
+_PROMPT = [464, 2068, 7586, 21831]
+# The CPU rows' PyTorch pairs, under their lm row's name. nanoGPT's Shakespeare shapes go into
+# GPT-2's class, which keeps its biases and tanh GELU (the lm configs have neither).
+_TORCH_PAIRS = {
+    "train_shakespeare_char": Row("torch_train", gpt2=(
+        ("n_layer", 4), ("n_head", 4), ("n_embd", 128), ("n_positions", 64), ("vocab_size", 65)),
+        batch=12, steps=20),
+    "train_shakespeare_6l384": Row("torch_train", gpt2=(
+        ("n_layer", 6), ("n_head", 6), ("n_embd", 384), ("n_positions", 256), ("vocab_size", 65)),
+        batch=16, steps=3, max_repeats=2),
+    "train_gpt2_small_8x256": Row("torch_train", gpt2=(("n_positions", 256),), batch=8, steps=1,
+                                  max_repeats=2),
+    **{name: dataclasses.replace(row, kind="torch_sample", config="", overrides=())
+       for name, row in _SAMPLING.items()},
+    "perplexity_gpt2_small_8x1024": Row("torch_perplexity", batch=8, max_repeats=1),
 }
 CPU_ROWS = {
     "matmul_f32": Row("matmul", dtype="float32"),
     "matmul_bf16": Row("matmul", dtype="bfloat16"),
     "memory_read": Row("memory", size=1024),
     "train_shakespeare_char": Row("train", "configs/shakespeare_char.py", steps=20),
-    "train_shakespeare_6l384": Row("train", "configs/shakespeare_char.py", _NANOGPT_6L, steps=3),
+    "train_shakespeare_6l384": Row("train", "configs/shakespeare_char.py", _NANOGPT_6L, steps=3,
+                                   max_repeats=2),
     "train_gpt2_small_8x256": Row("train", "configs/gpt2_small.py", (
         ("model.dtype", "float32"), ("model.context_length", 256), ("train.batch_size", 8),
-        ("model.remat_policy", "none")), steps=1),
+        ("model.remat_policy", "none")), steps=1, max_repeats=2),
     **_SAMPLING,
-    "perplexity_gpt2_small_8x1024": Row("perplexity", "configs/gpt2_small.py", _GPT2_F32, batch=8),
+    "perplexity_gpt2_small_8x1024": Row("perplexity", "configs/gpt2_small.py", _GPT2_F32, batch=8,
+                                        max_repeats=1),
     "compile_gpt2_small_12l": Row("compile", "configs/gpt2_small.py", (
         ("model.dtype", "float32"), ("train.batch_size", 8), ("model.context_length", 256))),
     "compile_gpt2_small_48l": Row("compile", "configs/gpt2_small.py", (
         ("model.dtype", "float32"), ("train.batch_size", 8), ("model.context_length", 256),
         ("model.num_layers", 48))),
+    **{f"{name}_torch": row for name, row in _TORCH_PAIRS.items()},
 }
 _GPU = (("mesh.fsdp", 1), ("mesh.data", -1))
 GPU_ROWS = {
@@ -91,7 +133,8 @@ GPU_ROWS = {
         ("train.batch_size", 16), ("model.attention_impl", "xla")), steps=5),
     "train_llama_1b_32x2048_remat_dots": Row("train", "configs/llama_1b.py", _GPU + (
         ("train.batch_size", 32),), steps=5),
-    **{name: dataclasses.replace(row, overrides=(("model.dtype", "bfloat16"),))
+    # A GPU samples in about a second: no repeat caps.
+    **{name: dataclasses.replace(row, overrides=(("model.dtype", "bfloat16"),), max_repeats=0)
        for name, row in _SAMPLING.items()},
 }
 
@@ -174,7 +217,7 @@ def sampling_throughput(row: Row, repeats: int) -> dict:
     from lm.sampling import SamplingOptions, generate
 
     model, params = _random_model(row)
-    prompts = [[464, 2068, 7586, 21831]] * row.batch  # four tokens, as "Once upon a time"
+    prompts = [_PROMPT] * row.batch
     options = SamplingOptions(temperature=row.temperature)
     seconds = _median_seconds(lambda: generate(model, params, prompts, row.new_tokens,
                                                options=options), repeats)
@@ -245,14 +288,107 @@ def train_throughput(row: Row, repeats: int) -> dict:
     }
 
 
+def _torch_gpt2(row: Row):
+    """transformers' GPT-2 with the row's shapes and seeded random float32 weights, no dropout."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    # sdpa is transformers' default attention for GPT-2; named so that a new default shows up.
+    config = GPT2Config(**dict(row.gpt2), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        attn_implementation="sdpa")
+    return GPT2LMHeadModel(config)
+
+
+def _torch_tokens(model, batch: int):
+    """Random token ids [batch, n_positions]: a full context, as the lm rows use."""
+    import torch
+
+    return torch.randint(model.config.vocab_size, (batch, model.config.n_positions))
+
+
+def _torch_details(model) -> dict:
+    """What a PyTorch row's speed depends on besides its shapes."""
+    import torch
+    import transformers
+
+    return {"torch_threads": torch.get_num_threads(),
+            "attention": model.config._attn_implementation,
+            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}"}
+
+
+def torch_train_throughput(row: Row, repeats: int) -> dict:
+    import torch
+
+    model = _torch_gpt2(row).train()
+    ids = _torch_tokens(model, row.batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99),
+                                  weight_decay=0.1)
+
+    def run_steps():
+        for _ in range(row.steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    seconds = _median_seconds(run_steps, repeats) / row.steps
+    return {"tokens_per_sec": ids.numel() / seconds, "step_ms": seconds * 1e3,
+            "batch": "x".join(map(str, ids.shape)), **_torch_details(model)}
+
+
+def torch_sampling_throughput(row: Row, repeats: int) -> dict:
+    import torch
+
+    model = _torch_gpt2(row).eval()
+    ids = torch.tensor([_PROMPT] * row.batch)
+    # top_k=0 drops generate's default top-50 filter: the lm row samples from every token.
+    sampling = ({"do_sample": True, "temperature": row.temperature, "top_k": 0}
+                if row.temperature > 0 else {"do_sample": False})
+    # min_new_tokens masks end-of-text so that every row decodes exactly new_tokens, like lm's.
+    seconds = _median_seconds(lambda: model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=row.new_tokens,
+        min_new_tokens=row.new_tokens, pad_token_id=50256, **sampling), repeats)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"new_tokens_per_sec": row.batch * row.new_tokens / seconds,
+            "ms_per_step": seconds / row.new_tokens * 1e3, "weight_gb": weight_bytes / 1e9,
+            **_torch_details(model)}
+
+
+def torch_perplexity_throughput(row: Row, repeats: int) -> dict:
+    import torch
+
+    model = _torch_gpt2(row).eval()
+    ids = _torch_tokens(model, row.batch)
+    with torch.inference_mode():
+        seconds = _median_seconds(lambda: model(input_ids=ids, labels=ids).loss, repeats)
+    return {"tokens_per_sec": ids.numel() / seconds, "step_ms": seconds * 1e3,
+            **_torch_details(model)}
+
+
 def run_row(row: Row, repeats: int) -> dict:
     if row.kind == "matmul":
         return matmul_flops(row.dtype, row.size, repeats)
     runners = {"memory": memory_bandwidth, "train": train_throughput,
-               "sample": sampling_throughput, "perplexity": perplexity_throughput}
+               "sample": sampling_throughput, "perplexity": perplexity_throughput,
+               "torch_train": torch_train_throughput, "torch_sample": torch_sampling_throughput,
+               "torch_perplexity": torch_perplexity_throughput}
     if row.kind == "compile":
         return compile_time(row)
     return runners[row.kind](row, repeats)
+
+
+def _with_torch_pairs(names: list[str], table: dict) -> list[str]:
+    """The named rows, each lm row followed by its PyTorch pair. PyTorch rows need --torch, and
+    torch and transformers installed: an optional dependency, so without them a note, no error."""
+    names = list(dict.fromkeys(n for name in names for n in (name, f"{name}_torch") if n in table))
+    torch_rows = [n for n in names if table[n].kind.startswith("torch_")]
+    missing = [m for m in ("torch", "transformers") if not importlib.util.find_spec(m)]
+    if torch_rows and missing and _TORCH.value:
+        print(f"Skipping the PyTorch rows: {' and '.join(missing)} not installed.", flush=True)
+    if torch_rows and (missing or not _TORCH.value):
+        return [n for n in names if n not in torch_rows]
+    return names
 
 
 def _in_fresh_process(name: str, repeats: int) -> dict:
@@ -278,6 +414,15 @@ def _relative_to_measured_peaks(results: dict) -> None:
             r["floor_ratio"] = r["ms_per_step"] / 1e3 / (r["weight_gb"] / bandwidth[0])
 
 
+def _relative_to_torch(results: dict) -> None:
+    """Each lm row's throughput over its PyTorch pair's: above 1, lm is faster."""
+    for name, r in results.items():
+        pair = results.get(f"{name}_torch", {})
+        for key in ("new_tokens_per_sec", "tokens_per_sec"):
+            if key in r and key in pair:
+                r["vs_torch"] = r[key] / pair[key]
+
+
 def _table(results: dict) -> str:
     lines = []
     for name, r in results.items():
@@ -300,6 +445,10 @@ def _table(results: dict) -> str:
                          f"  mem ~{r['memory_estimate_gib']:.1f} GiB  ({r['attention']} attention)")
         else:
             lines.append(f"{name:40s} compile {r['compile_seconds']:.1f}s ({r['layers']} layers)")
+        if "vs_torch" in r:
+            lines[-1] += f"  {r['vs_torch']:.2f}x PyTorch"
+        if "torch_threads" in r:
+            lines[-1] += f"  (PyTorch, {r['attention']} attention, {r['torch_threads']} threads)"
     return "\n".join(lines)
 
 
@@ -313,10 +462,12 @@ def main(argv: list[str]) -> None:
     if unknown:
         sys.exit(f"error: unknown rows {unknown}; the {_SUITE.value} suite has {sorted(table)}")
     results = {}
-    for name in _ROWS.value or table:
-        results[name] = _in_fresh_process(name, _REPEATS.value)
+    for name in _with_torch_pairs(_ROWS.value or list(table), table):
+        repeats = min(_REPEATS.value, table[name].max_repeats or _REPEATS.value)
+        results[name] = _in_fresh_process(name, repeats)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     _relative_to_measured_peaks(results)
+    _relative_to_torch(results)
     print(_table(results))
     if _OUTPUT.value:
         Path(_OUTPUT.value).write_text(json.dumps(results, indent=2))
