@@ -166,14 +166,17 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 class Attention(nn.Module):
     cfg: ModelConfig
     deterministic: bool
+    layer: int | None = None  # this layer's index in a cache of all layers; None: its own cache
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         """mask: [batch, 1, 1, q, k] (see attention_mask), or None for plain causal attention.
 
-        With a cache (this layer's keys and values, [batch, cache_length, kv_heads, head_dim]), the
-        new keys and values are written at `positions` and the queries attend over the whole cache.
+        With a cache (keys and values, [batch, cache_length, kv_heads, head_dim], with a leading
+        layers axis when `layer` is set), the new keys and values are written at `positions` and
+        the queries attend over the whole cache. Unrolled layers write into the stacked cache in
+        place: slicing it per layer and stacking it again would copy it at every decoding step.
         """
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -187,11 +190,14 @@ class Attention(nn.Module):
 
         if cache is not None:
             rows = jnp.arange(x.shape[0])[:, None]
+            at = (rows, positions) if self.layer is None else (self.layer, rows, positions)
+            axes = ("act_batch", None, "act_kv_heads", None)
+            axes = axes if self.layer is None else (None, *axes)
             cache = {name: nn.with_logical_constraint(
-                         cache[name].at[rows, positions].set(new.astype(cache[name].dtype)),
-                         ("act_batch", None, "act_kv_heads", None))
+                         cache[name].at[at].set(new.astype(cache[name].dtype)), axes)
                      for name, new in (("key", k), ("value", v))}
-            k, v = cache["key"], cache["value"]
+            k, v = (cache[name] if self.layer is None else cache[name][self.layer]
+                    for name in ("key", "value"))
         if cfg.fused_attention and cache is None:
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=None if mask is None else mask[:, :, 0], is_causal=mask is None,
@@ -208,14 +214,21 @@ class Attention(nn.Module):
         batch, length, heads, head_dim = q.shape
         kv_heads = k.shape[2]  # keys may be longer than the queries: a cache
         if mask is None:
-            mask = jnp.tril(jnp.ones((length, length), bool))
+            mask = jnp.tril(jnp.ones((length, length), bool))[None, None, None]
         # Grouped-query attention: query heads are grouped so that each group shares one kv head.
-        q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / head_dim ** 0.5
+        # Without groups the axis is left out: XLA:CPU would copy the scores through a strided
+        # layout for a size-1 axis (a third of a forward pass at 8x1024).
+        g = "g" if heads > kv_heads else ""
+        if g:
+            q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+        else:
+            mask = mask[:, 0]  # [batch, 1, q, k]
+        scores = jnp.einsum(f"btk{g}d,bskd->bk{g}ts", q, k).astype(jnp.float32) / head_dim ** 0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         probs = nn.Dropout(cfg.dropout)(probs, deterministic=self.deterministic)
-        return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads, head_dim)
+        out = jnp.einsum(f"bk{g}ts,bskd->btk{g}d", probs, v)
+        return out.reshape(batch, length, heads, head_dim)
 
 
 class Mlp(nn.Module):
@@ -239,13 +252,14 @@ class Block(nn.Module):
     """Pre-norm residual block; returns (x, this layer's updated cache) so that nn.scan can stack it."""
     cfg: ModelConfig
     deterministic: bool
+    layer: int | None = None  # see Attention
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         drop = functools.partial(nn.Dropout(cfg.dropout), deterministic=self.deterministic)
-        h, cache = Attention(cfg, self.deterministic, name="attn")(
+        h, cache = Attention(cfg, self.deterministic, self.layer, name="attn")(
             _norm(cfg, "attn_norm")(x), positions, mask, cache)
         x = x + drop(h)
         x = x + drop(Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x)))
@@ -302,14 +316,9 @@ class Transformer(nn.Module):
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x, cache = stack(cfg, deterministic, name="layers")(x, positions, mask, cache)
         else:
-            layer_caches = []
             for i in range(cfg.num_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-                x, layer_cache = block(cfg, deterministic, name=f"layers_{i}")(
-                    x, positions, mask, layer_cache)
-                layer_caches.append(layer_cache)
-            if cache is not None:
-                cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
+                x, cache = block(cfg, deterministic, i, name=f"layers_{i}")(
+                    x, positions, mask, cache)
 
         x = _norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:

@@ -59,13 +59,34 @@ def choose(logits: jax.Array, key: jax.Array, options: SamplingOptions,
     if options.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits / options.temperature, options.top_k, options.top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    # Inverse-CDF sampling: one uniform number per row, where jax.random.categorical draws Gumbel
+    # noise for every vocabulary entry (3x slower on a CPU at batch 8, 50k tokens).
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    u = (1.0 - jax.random.uniform(key, (logits.shape[0], 1))) * cdf[:, -1:]  # in (0, total]
+    # The first index whose cdf reaches u: a filtered (probability 0) token never is one.
+    return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+
+
+def decoding_layout(model: Transformer, params: Any) -> tuple[Transformer, Any]:
+    """The same model with its weights laid out for many one-token steps: layers unrolled, since a
+    scanned stack is sliced (copied) out at every step, and a tied output head stored transposed,
+    since XLA:CPU otherwise re-lays out the [vocab, embed] table for every step's logits."""
+    cfg = model.cfg
+    params = dict(params)
+    if cfg.scan_layers:
+        stack = params.pop("layers")
+        params.update({f"layers_{i}": jax.tree.map(lambda w, i=i: w[i], stack)
+                       for i in range(cfg.num_layers)})
+    if cfg.tie_embeddings:
+        params["lm_head"] = {"kernel": params["embed"].T}
+    return Transformer(dataclasses.replace(cfg, scan_layers=False, tie_embeddings=False)), params
 
 
 def _decode(model: Transformer, options: SamplingOptions, max_new: int, valid_vocab: int,
             eos_id: int, on_token: Callable | None, params: Any, tokens: jax.Array,
             lengths: jax.Array, rng: jax.Array) -> jax.Array:
     batch, prompt_length = tokens.shape
+    model, params = decoding_layout(model, params)
     cache = init_cache(model.cfg, batch, prompt_length + max_new - 1)
     positions = jnp.broadcast_to(jnp.arange(prompt_length), tokens.shape)
     logits, cache = model.apply({"params": params}, tokens, positions, cache=cache)
