@@ -11,7 +11,7 @@ from test_model import LENGTH, VARIANTS, VOCAB, logits, model_config, random_par
 from lm import sharding
 from lm.config import default_config
 from lm.model import Transformer, init_cache
-from lm.sampling import SamplingOptions, choose, filter_logits, generate
+from lm.sampling import SamplingOptions, choose, decoding_layout, filter_logits, generate
 
 PROMPTS = [[5, 9, 2], [7, 1, 3, 3, 8, 4, 2], [11]]
 
@@ -35,6 +35,18 @@ def test_cached_decoding_gives_the_logits_of_full_recomputation(variant, scan):
         step, cache = apply({"params": params}, tokens[np.arange(3), at][:, None], at[:, None],
                             cache=cache)
         np.testing.assert_allclose(step[:, 0], full[np.arange(3), at], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_decoding_layout_computes_the_same_logits(variant, scan):
+    cfg = model_config(variant, scan_layers=scan)
+    params, tokens = random_params(cfg), random_tokens((2, LENGTH))
+    model, laid_out = decoding_layout(Transformer(cfg), params)
+    assert not model.cfg.scan_layers and not model.cfg.tie_embeddings
+    assert "layers" not in laid_out and f"layers_{cfg.num_layers - 1}" in laid_out
+    np.testing.assert_allclose(jax.jit(model.apply)({"params": laid_out}, tokens),
+                               logits(cfg, params, tokens), atol=2e-5, rtol=1e-5)
 
 
 def greedy_by_recomputation(cfg, params, prompt, num_new):
