@@ -163,6 +163,10 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal & same_segment)[:, None, None]
 
 
+# Queries per block of causal attention on the XLA path (see _causal_attention_by_blocks).
+QUERY_BLOCK = 128
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     deterministic: bool
@@ -202,19 +206,33 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=None if mask is None else mask[:, :, 0], is_causal=mask is None,
                 implementation="cudnn")
+        elif mask is None and cache is None:
+            out = self._causal_attention_by_blocks(q, k, v)
         else:
             out = self._softmax_attention(q, k, v, mask)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         return Dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), in_dims=2,
                      std=_residual_std(cfg), name="out")(out), cache
 
+    def _causal_attention_by_blocks(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """Causal attention, queries in blocks of QUERY_BLOCK, each over the keys up to its end:
+        the masked triangle is mostly skipped (44% of the scores at 1024 tokens), and a block's
+        scores are a fraction of the whole matrix (400 MB a layer at 8x1024 on the GPT-2 shape)."""
+        length = q.shape[1]
+        blocks = []
+        for start in range(0, length, QUERY_BLOCK):
+            end = min(start + QUERY_BLOCK, length)
+            mask = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+            blocks.append(self._softmax_attention(q[:, start:end], k[:, :end], v[:, :end],
+                                                  mask[None, None, None]))
+        return jnp.concatenate(blocks, axis=1)
+
     def _softmax_attention(self, q: jax.Array, k: jax.Array, v: jax.Array,
                            mask: jax.Array | None) -> jax.Array:
+        """mask: [batch or 1, 1, 1, queries, keys]."""
         cfg = self.cfg
         batch, length, heads, head_dim = q.shape
-        kv_heads = k.shape[2]  # keys may be longer than the queries: a cache
-        if mask is None:
-            mask = jnp.tril(jnp.ones((length, length), bool))[None, None, None]
+        kv_heads = k.shape[2]  # keys may be longer than the queries: a cache, a block
         # Grouped-query attention: query heads are grouped so that each group shares one kv head.
         # Without groups the axis is left out: XLA:CPU would copy the scores through a strided
         # layout for a size-1 axis (a third of a forward pass at 8x1024).

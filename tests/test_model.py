@@ -13,6 +13,7 @@ import pytest
 
 from trees import assert_trees_close
 
+from lm import model as model_module
 from lm.config import default_config
 from lm.model import ModelConfig, Transformer
 
@@ -111,6 +112,19 @@ def test_scanned_and_unscanned_layers_compute_the_same_logits(variant):
     tokens = random_tokens((2, LENGTH))
     np.testing.assert_allclose(logits(scanned, stacked, tokens), logits(unscanned, params, tokens),
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal_attention_by_query_blocks_equals_one_block(variant, monkeypatch):
+    cfg = model_config(variant)
+    params, tokens = random_params(cfg), random_tokens((2, LENGTH))
+
+    def loss_and_grads(block):  # a fresh jit per block size: the size is read while tracing
+        monkeypatch.setattr(model_module, "QUERY_BLOCK", block)
+        return jax.jit(jax.value_and_grad(lambda p: next_token_loss(cfg, p, tokens)))(params)
+
+    blocked, whole = loss_and_grads(5), loss_and_grads(LENGTH)  # blocks of 5, the last shorter
+    assert_trees_close(blocked, whole, rtol=1e-5, atol=1e-6)
 
 
 # One variant: remat wraps the whole block, whatever is in it, and each gradient compile is slow.
