@@ -97,7 +97,7 @@ def default_config() -> ConfigDict:
     t.init_from = ""            # a workdir or checkpoint step directory: its params start the run
     t.skip_nonfinite = False    # skip updates whose loss or gradient is NaN/inf instead of stopping
     t.sample_prompt = "\n"
-    t.sample_length = 200
+    t.sample_length = 200       # new tokens sampled at the end; 0: no sample
     t.sample_temperature = 0.8
     t.sample_top_k = 0
     return c
@@ -208,7 +208,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     validate_data(config.data)
     for path in ("optim.learning_rate", "optim.min_learning_rate", "optim.weight_decay",
                  "optim.grad_clip", "optim.warmup_steps", "optim.decay_steps", "train.z_loss",
-                 "train.checkpoint_every_minutes", "train.keep_every"):
+                 "train.checkpoint_every_minutes", "train.keep_every", "train.sample_length"):
         _check(_get(config, path) >= 0, f"config.{path}={_get(config, path)} must be >= 0")
     _check(o.min_learning_rate <= o.learning_rate,
            f"config.optim.min_learning_rate={o.min_learning_rate} exceeds "

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +24,7 @@ from lm import tokenizer as tokenizers
 from lm.config import ConfigError
 from lm.model import ModelConfig, Transformer
 from lm.perplexity import Score, score_documents
-from lm.sampling import SamplingOptions, generate
+from lm.sampling import SamplingOptions, decoding_layout, decoding_model, generate
 
 
 @dataclasses.dataclass
@@ -60,11 +61,21 @@ class LoadedModel:
             if len(prompts) != 1:
                 raise ValueError("streaming (on_text) needs a single prompt")
             on_token = _Streamer(self.tokenizer, on_text)
-        tokens = generate(self.model, self.params, [tokenizers.document_ids(self.tokenizer, p) for p in prompts],
-                          max_new_tokens, options=SamplingOptions(temperature, top_k, top_p),
+        model, params = self._decoding
+        ids = [tokenizers.document_ids(self.tokenizer, p) for p in prompts]
+        tokens = generate(model, params, ids, max_new_tokens,
+                          options=SamplingOptions(temperature, top_k, top_p),
                           seed=seed, eos_id=self.tokenizer.eos_id, mesh=self.mesh,
                           valid_vocab=self.tokenizer.vocab_size, on_token=on_token)
         return [_cut(self.tokenizer.decode(t), stop) for t in tokens]
+
+    @functools.cached_property
+    def _decoding(self) -> tuple[Transformer, Any]:
+        """The model and a second copy of its weights laid out for sampling, made at first use and
+        kept: laying out costs tens of decoding steps (sampling.decoding_layout)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            params = jax.jit(lambda p: decoding_layout(self.model, p)[1])(self.params)
+        return decoding_model(self.model), params
 
     def perplexity(self, texts: str | Sequence[str], *, stride: int | None = None,
                    batch_size: int = 8, progress: bool = False) -> Score:

@@ -192,14 +192,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
     if start == t.steps:
         console(f"{workdir} is already at step {start} of {t.steps}: nothing to train")
         val_loss = evaluate(steps, state.params, val_batches, mesh, t.batch_size)
-    prompt = tokenizers.document_ids(prepared.tokenizer, t.sample_prompt)
-    length = min(t.sample_length, cfg.context_length - 1)
-    options = sampling.SamplingOptions(temperature=t.sample_temperature, top_k=t.sample_top_k)
-    [tokens] = sampling.generate(model, state.params, [prompt[-(cfg.context_length - length):]],
-                                 length, options=options, seed=config.seed, mesh=mesh,
-                                 valid_vocab=prepared.tokenizer.vocab_size)
-    text = prepared.tokenizer.decode(tokens)
-    console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
+    if t.sample_length > 0:
+        prompt = tokenizers.document_ids(prepared.tokenizer, t.sample_prompt)
+        length = min(t.sample_length, cfg.context_length - 1)
+        options = sampling.SamplingOptions(temperature=t.sample_temperature, top_k=t.sample_top_k)
+        [tokens] = sampling.generate(model, state.params, [prompt[-(cfg.context_length - length):]],
+                                     length, options=options, seed=config.seed, mesh=mesh,
+                                     valid_vocab=prepared.tokenizer.vocab_size)
+        text = prepared.tokenizer.decode(tokens)
+        console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
     return {"train_loss": metrics.get("loss"), "val_loss": val_loss, "unigram_baseline": unigram,
             "steps": t.steps}
 

@@ -47,6 +47,19 @@ def test_the_decoding_layout_computes_the_same_logits(variant, scan):
     assert "layers" not in laid_out and f"layers_{cfg.num_layers - 1}" in laid_out
     np.testing.assert_allclose(jax.jit(model.apply)({"params": laid_out}, tokens),
                                logits(cfg, params, tokens), atol=2e-5, rtol=1e-5)
+    if jax.default_backend() == "cpu":  # kernels stored [fan_out, fan_in]
+        assert laid_out["lm_head"]["kernel"].shape == (cfg.vocab_size, cfg.d_model)
+        assert laid_out["layers_0"]["attn"]["out"]["kernel"].shape == (cfg.d_model,) * 2
+
+
+def test_sampling_takes_either_layout_and_laying_out_twice_changes_nothing(llama):
+    model, params = llama
+    laid_model, laid_params = decoding_layout(model, params)
+    again = decoding_layout(laid_model, laid_params)
+    assert again[0] is laid_model and again[1] is laid_params
+    for seed in (0, 1):
+        assert ([r.tolist() for r in generate(model, params, PROMPTS, 8, seed=seed)]
+                == [r.tolist() for r in generate(laid_model, laid_params, PROMPTS, 8, seed=seed)])
 
 
 def greedy_by_recomputation(cfg, params, prompt, num_new):
@@ -161,3 +174,8 @@ def test_invalid_sampling_options_are_refused(llama, options, message):
 def test_a_prompt_and_continuation_longer_than_the_context_is_refused(llama):
     with pytest.raises(ValueError, match="exceeds the context"):
         generate(*llama, [[1] * (LENGTH - 3)], 4)
+
+
+def test_asking_for_no_new_tokens_is_refused(llama):
+    with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1"):
+        generate(*llama, PROMPTS, 0)

@@ -39,6 +39,7 @@ def test_train_binary_writes_config_metrics_events_and_tokenizer(tmp_path):
     ("--config.mesh.data=3", "mesh data=3"),
     ("--config.train.batch_size=12", "config.train.batch_size=12"),
     ("--config.optim.learning_rate=-0.1", "config.optim.learning_rate=-0.1"),
+    ("--config.train.sample_length=-1", "config.train.sample_length=-1"),
     ("--config.data.path=/no/such/corpus.txt", "config.data.path='/no/such/corpus.txt'"),
     ("--config.model.no_such_field=1", "--config.model.no_such_field"),
     ("--config.model.norm=batchnorm", "config.model.norm='batchnorm'"),
@@ -79,6 +80,6 @@ def test_training_beats_the_unigram_baseline(tmp_path):
     config = tiny.get_config()
     config.data.path = str(corpus)
     config.optim.update(learning_rate=1e-2, min_learning_rate=1e-3)
-    config.train.update(steps=200, eval_every=200, log_every=50)
+    config.train.update(steps=200, eval_every=200, log_every=50, sample_length=0)  # no sample
     summary = train_and_evaluate(config, tmp_path / "run")
     assert summary["val_loss"] < summary["unigram_baseline"] - 1.0
