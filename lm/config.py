@@ -58,6 +58,8 @@ def default_config() -> ConfigDict:
     d.completion_field = "completion"
     d.segment_documents = False     # attention and positions restart at every document (packing)
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
+    d.read_threads = 0              # grain reader threads; 0 reads in the training thread, best for
+                                    # local shards (page cache); raise it for slow or network disks
 
     c.optim = o = ConfigDict()
     o.learning_rate = 1e-3
@@ -174,6 +176,7 @@ def validate_data(data: ConfigDict) -> None:
            f"path or a tokenizer .json path")
     _check(0.0 <= data.val_fraction < 1.0,
            f"config.data.val_fraction={data.val_fraction} must be in [0, 1)")
+    _check(data.read_threads >= 0, f"config.data.read_threads={data.read_threads} must be >= 0")
     for name in ("text_field", "prompt_field", "completion_field"):
         _check(bool(data[name]), f"config.data.{name} is empty; name the jsonl field to read")
 

@@ -127,7 +127,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
     t = config.train
     segment_eos = prepared.tokenizer.eos_id if config.data.segment_documents else None
     train_iter = data.train_batches(prepared.train, cfg.context_length, t.batch_size, config.seed,
-                                    segment_eos=segment_eos)
+                                    segment_eos=segment_eos,
+                                    read_threads=config.data.read_threads)
     val_batches = data.eval_batches(prepared.val, cfg.context_length, t.batch_size, t.eval_batches,
                                     segment_eos=segment_eos)
 

@@ -40,6 +40,7 @@ def test_train_binary_writes_config_metrics_events_and_tokenizer(tmp_path):
     ("--config.train.batch_size=12", "config.train.batch_size=12"),
     ("--config.optim.learning_rate=-0.1", "config.optim.learning_rate=-0.1"),
     ("--config.train.sample_length=-1", "config.train.sample_length=-1"),
+    ("--config.data.read_threads=-1", "config.data.read_threads=-1"),
     ("--config.data.path=/no/such/corpus.txt", "config.data.path='/no/such/corpus.txt'"),
     ("--config.model.no_such_field=1", "--config.model.no_such_field"),
     ("--config.model.norm=batchnorm", "config.model.norm='batchnorm'"),
