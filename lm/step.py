@@ -21,7 +21,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from lm import sharding
-from lm.model import Transformer
+from lm.model import Transformer, token_losses
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -33,27 +33,27 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token negative log-likelihood and summed log-normaliser squared (for z-loss)."""
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((log_z - target_logit) * weights), jnp.sum(jnp.square(log_z) * weights)
-
-
 def loss_sums(params: Any, model: Transformer, batch: Batch, z_loss: float,
-              dropout_rng: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+              dropout_rng: jax.Array | None, score_in_chunks: bool = False
+              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(objective summed over positions, (summed nll, number of scored positions)).
 
     Sums rather than means, so that micro-batches add up to exactly the full batch's gradient.
+    `score_in_chunks` has the model make its logits a chunk of positions at a time: faster
+    forward (GPT-2 8x1024 perplexity 1.37x on a CPU), slower through a gradient (8x256 step ~5%).
     """
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                         segment_ids=batch.get("segment_ids"),
-                         deterministic=dropout_rng is None,
-                         rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+    inputs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                  deterministic=dropout_rng is None,
+                  rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+    if score_in_chunks:
+        nll, log_z = model.apply({"params": params}, batch["inputs"], targets=batch["targets"],
+                                 **inputs)
+    else:
+        nll, log_z = token_losses(model.apply({"params": params}, batch["inputs"], **inputs),
+                                  batch["targets"])
     weights = batch["mask"].astype(jnp.float32)
-    nll, z = cross_entropy(logits, batch["targets"], weights)
-    return nll + z_loss * z, (nll, jnp.sum(weights))
+    nll = jnp.sum(nll * weights)
+    return nll + z_loss * jnp.sum(jnp.square(log_z) * weights), (nll, jnp.sum(weights))
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
@@ -102,7 +102,7 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
 
 
 def eval_step(params: Any, batch: Batch, *, model: Transformer) -> Metrics:
-    _, (nll, count) = loss_sums(params, model, batch, 0.0, None)
+    _, (nll, count) = loss_sums(params, model, batch, 0.0, None, score_in_chunks=True)
     return {"nll": nll, "tokens": count}
 
 

@@ -127,6 +127,29 @@ def test_causal_attention_by_query_blocks_equals_one_block(variant, monkeypatch)
     assert_trees_close(blocked, whole, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_scoring_targets_in_chunks_equals_the_loss_of_whole_logits(variant, monkeypatch):
+    cfg = model_config(variant)
+    params, tokens = random_params(cfg), random_tokens((2, LENGTH + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def scored(chunk):  # positions per chunk; a fresh jit per size: the size is read while tracing
+        monkeypatch.setattr(model_module, "SCORE_CHUNK_ELEMENTS", chunk * 2 * VOCAB)
+
+        def objective(p):  # both outputs, so that both gradients are compared
+            nll, log_z = Transformer(cfg).apply({"params": p}, inputs, targets=targets)
+            return jnp.sum(nll) + jnp.sum(log_z ** 2), (nll, log_z)
+        return jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+
+    (_, (nll, log_z)), _ = chunked = scored(5)  # 4 chunks, the last padded
+    whole = logits(cfg, params, inputs).astype(np.float64)
+    reference_log_z = np.log(np.exp(whole).sum(-1))
+    reference_nll = reference_log_z - np.take_along_axis(whole, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(nll, reference_nll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(log_z, reference_log_z, rtol=1e-5, atol=1e-5)
+    assert_trees_close(chunked, scored(LENGTH), rtol=1e-5, atol=1e-5)  # gradients up to ~5
+
+
 # One variant: remat wraps the whole block, whatever is in it, and each gradient compile is slow.
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
 def test_rematerialisation_does_not_change_gradients(policy):
