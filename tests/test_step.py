@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from trees import assert_trees_close
 
+from lm import model as model_module
 from lm import optim, sharding, step
 from lm.config import ConfigError, default_config, mesh_shape, validate
 from lm.model import ModelConfig, Transformer
@@ -99,6 +100,20 @@ def test_sharded_training_matches_one_device(variant, mesh):
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     assert_trees_close(jax.device_get(state.params), jax.device_get(expected_state.params),
                        atol=1e-5)
+
+
+def test_evaluation_scored_in_chunks_on_a_mesh_equals_one_device_scoring_whole(monkeypatch):
+    # LLaMA: its untied head's kernel is split over the vocabulary by the tensor axis.
+    batch = make_batch()
+    one_mesh, one = compiled("llama", ONE_DEVICE)
+    params = one.init().params
+    whole = jax.device_get(one.eval(params, sharding.global_batch(one_mesh, batch, BATCH)))
+    monkeypatch.setattr(model_module, "SCORE_CHUNK_ELEMENTS", 5 * BATCH * VOCAB)  # 4 chunks
+    mesh, steps = compile_run(run_config("llama", (2, 2, 2)))
+    params = jax.device_put(params, steps.state_sharding.params)
+    chunked = jax.device_get(steps.eval(params, sharding.global_batch(mesh, batch, BATCH)))
+    assert chunked["tokens"] == whole["tokens"] == make_batch()["mask"].sum()
+    assert chunked["nll"] == pytest.approx(whole["nll"], rel=1e-5)
 
 
 def test_parameters_and_optimizer_state_are_sharded_by_the_rules():
