@@ -17,6 +17,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
+from lm import hugepages
 from lm.config import ConfigError, parse_flags
 from lm.metrics import console
 from lm.sampling import SamplingOptions
@@ -160,6 +161,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    hugepages.restart_with_huge_pages()
     app.run(main, flags_parser=parse_flags)
 
 

@@ -18,7 +18,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import checkpoint, data, distributed, flops, optim, prepare, sampling, sharding, step
+from lm import checkpoint, data, distributed, flops, hugepages, optim, prepare, sampling, sharding
+from lm import step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
@@ -227,6 +228,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    hugepages.restart_with_huge_pages()
     app.run(main, flags_parser=parse_flags)
 
 

@@ -43,6 +43,7 @@ from absl import app, flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from lm import hugepages  # noqa: E402  (stdlib only: the parent process stays light)
 
 _SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which set of rows to run.")
 _ROWS = flags.DEFINE_list("rows", [], "Run only these rows (names from the suite tables).")
@@ -399,10 +400,10 @@ def _with_torch_pairs(names: list[str], table: dict) -> list[str]:
 
 def row_environment() -> dict:
     """The environment of every row's process, lm's and PyTorch's alike: glibc backs large
-    allocations with transparent huge pages (unless the caller set GLIBC_TUNABLES). A fresh
-    400 MB activation otherwise costs 100k page faults, 120 ms on this CPU: a quarter of a train
-    step, a third of a decode step. It must be set before a process starts, hence here."""
-    return {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", **os.environ}
+    allocations with transparent huge pages (unless the caller set GLIBC_TUNABLES), as lm's
+    binaries do for themselves (lm/hugepages.py). A fresh 400 MB activation otherwise costs 100k
+    page faults, 120 ms on this CPU: a quarter of a train step, a third of a decode step."""
+    return {"GLIBC_TUNABLES": hugepages.TUNABLES, **os.environ}
 
 
 def _in_fresh_process(name: str, repeats: int) -> dict:

@@ -120,7 +120,7 @@ def test_causal_attention_by_query_blocks_equals_one_block(variant, monkeypatch)
     params, tokens = random_params(cfg), random_tokens((2, LENGTH))
 
     def loss_and_grads(block):  # a fresh jit per block size: the size is read while tracing
-        monkeypatch.setattr(model_module, "QUERY_BLOCK", block)
+        monkeypatch.setattr(model_module, "query_block", lambda length: block)
         return jax.jit(jax.value_and_grad(lambda p: next_token_loss(cfg, p, tokens)))(params)
 
     blocked, whole = loss_and_grads(5), loss_and_grads(LENGTH)  # blocks of 5, the last shorter

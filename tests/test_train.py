@@ -1,5 +1,6 @@
 """The train binary end to end, as a user runs it, and its answers to bad input."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -84,3 +85,16 @@ def test_training_beats_the_unigram_baseline(tmp_path):
     config.train.update(steps=200, eval_every=200, log_every=50, sample_length=0)  # no sample
     summary = train_and_evaluate(config, tmp_path / "run")
     assert summary["val_loss"] < summary["unigram_baseline"] - 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs PyTorch installed")
+def test_metrics_writer_leaves_pytorch_unimported_yet_importable(tmp_path):
+    # tensorboardX imports torch wherever it is installed: seconds of every run's start-up.
+    code = ("import sys; from lm.metrics import MetricsWriter; w = MetricsWriter(sys.argv[1]); "
+            "w.write(1, {'loss': 2.5}); w.close(); print('torch' in sys.modules); "
+            "import torch; print(torch.ones(2).sum().item())")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "2.0"]
+    assert list(tmp_path.glob("events.out.tfevents.*"))
