@@ -37,11 +37,15 @@ _BUDGET = flags.DEFINE_float("memory_budget_gib", 0.0, "With --preflight: fail a
 
 
 def evaluate(steps: step.CompiledSteps, params, batches, mesh, global_rows: int) -> float:
-    nll = tokens = 0.0
+    """Mean loss per token over `batches`. A batch's sums are fetched once the next batch is
+    dispatched, so the device is not left waiting while the host prepares a batch."""
+    sums = []
     for batch in batches:
-        out = jax.device_get(steps.eval(params, sharding.global_batch(mesh, batch, global_rows)))
-        nll, tokens = nll + out["nll"], tokens + out["tokens"]
-    return nll / tokens
+        sums.append(steps.eval(params, sharding.global_batch(mesh, batch, global_rows)))
+        if len(sums) > 1:
+            sums[-2] = jax.device_get(sums[-2])
+    sums = jax.device_get(sums)
+    return sum(float(s["nll"]) for s in sums) / sum(float(s["tokens"]) for s in sums)
 
 
 class Preempted(Exception):
