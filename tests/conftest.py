@@ -2,6 +2,11 @@
 
 import os
 
+from lm import hugepages
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The binaries the tests start then run as they would restart themselves, without the restart
+# (tests/test_hugepages.py checks the restart itself).
+os.environ.setdefault("GLIBC_TUNABLES", hugepages.TUNABLES)
