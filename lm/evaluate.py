@@ -17,7 +17,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
-from lm import hugepages
+from lm import compilation_cache, hugepages
 from lm.config import ConfigError, parse_flags
 from lm.metrics import console
 from lm.sampling import SamplingOptions
@@ -149,6 +149,7 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         sys.exit("error: --workdir is required (a training run's workdir or checkpoint directory)")
     import lm
+    compilation_cache.enable()
     try:
         if _MODE.value == "sample":
             _check_sampling_flags()  # before the model loads, which can take a while

@@ -302,6 +302,13 @@ class Attention(nn.Module):
         return out.reshape(batch, length, heads, head_dim)
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """x * Phi(x) as PyTorch's nn.GELU() computes it, x/2 (1 + erf(x / sqrt 2)). jax.nn.gelu's exact
+    form goes through erfc, which XLA:CPU runs at half the speed: the baby Shakespeare step (4 such
+    MLPs) took 2.2 ms less with this one (paired, alternated runs)."""
+    return 0.5 * x * (1 + jax.lax.erf(x * 2**-0.5))
+
+
 class Mlp(nn.Module):
     cfg: ModelConfig
 
@@ -313,8 +320,8 @@ class Mlp(nn.Module):
             h = nn.silu(gate) * Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x)
         else:
             # GPT-2 uses the tanh approximation of GELU; PyTorch's nn.GELU (nanoGPT) the exact erf.
-            h = nn.gelu(Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x),
-                        approximate=cfg.mlp == "gelu")
+            up = Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x)
+            h = gelu_exact(up) if cfg.mlp == "gelu_exact" else nn.gelu(up, approximate=True)
         h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
         return Dense(cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down")(h)
 

@@ -18,8 +18,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import checkpoint, data, distributed, flops, hugepages, optim, prepare, sampling, sharding
-from lm import step
+from lm import checkpoint, compilation_cache, data, distributed, flops, hugepages, optim, prepare
+from lm import sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
@@ -219,6 +219,7 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value and not _PREFLIGHT.value:
         sys.exit("error: --workdir is required (the directory for checkpoints, metrics and logs)")
     try:
+        compilation_cache.enable()
         distributed.initialize()
         if _PREFLIGHT.value:
             preflight(load_config_flag(_CONFIG), _BUDGET.value)

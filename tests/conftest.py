@@ -10,3 +10,5 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The binaries the tests start then run as they would restart themselves, without the restart
 # (tests/test_hugepages.py checks the restart itself).
 os.environ.setdefault("GLIBC_TUNABLES", hugepages.TUNABLES)
+# Nor do they fill the user's compilation cache (tests/test_train.py checks the cache itself).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")

@@ -216,7 +216,9 @@ def ref_mlp(p, x, cfg):
     if cfg.mlp == "swiglu":
         gate = dense("gate", x)
         return dense("down", gate / (1 + np.exp(-gate)) * dense("up", x))
-    u = dense("up", x)  # GELU, tanh approximation
+    u = dense("up", x)
+    if cfg.mlp == "gelu_exact":  # x * Phi(x)
+        return dense("down", u * (1 + np.vectorize(math.erf)(u / np.sqrt(2))) / 2)
     return dense("down", 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3))))
 
 
@@ -233,13 +235,22 @@ def reference_logits(params, cfg, tokens):
     return x @ (p["embed"].T if cfg.tie_embeddings else p["lm_head"]["kernel"])
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_logits_match_a_float64_numpy_reference(variant):
-    cfg = model_config(variant)
+@pytest.mark.parametrize("variant, overrides", [
+    *((variant, {}) for variant in VARIANTS),
+    ("gpt2", dict(mlp="gelu_exact", use_bias=False)),  # nanoGPT's
+])
+def test_logits_match_a_float64_numpy_reference(variant, overrides):
+    cfg = model_config(variant, **overrides)
     params, tokens = random_params(cfg), random_tokens((2, LENGTH))
     expected = reference_logits(params, cfg, tokens)
     assert np.abs(expected).max() > 1.0  # large enough that 1e-4 is a strict tolerance
     np.testing.assert_allclose(logits(cfg, params, tokens), expected, atol=1e-4, rtol=0)
+
+
+def test_exact_gelu_matches_float64_from_the_far_tails_to_zero():
+    x = np.linspace(-12, 12, 4801, dtype=np.float32)
+    expected = x * (1 + np.vectorize(math.erf)(x.astype(np.float64) / np.sqrt(2))) / 2
+    np.testing.assert_allclose(model_module.gelu_exact(x), expected, atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

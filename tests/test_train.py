@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_train(workdir, *overrides, config="configs/tiny.py"):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+def run_train(workdir, *overrides, config="configs/tiny.py", env=None):
+    env = dict(env or os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     return subprocess.run(
         [sys.executable, "-m", "lm.train", f"--config={config}", f"--workdir={workdir}",
          *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -66,6 +66,35 @@ def test_bad_input_is_a_one_line_error_naming_the_field(tmp_path, override, name
 def test_missing_workdir_flag_is_an_error(tmp_path):
     result = run_train("")
     assert result.returncode != 0 and "--workdir is required" in result.stderr
+
+
+def test_a_rerun_loads_its_compiled_step_from_the_cache_and_trains_the_same(tmp_path):
+    def losses(workdir):
+        return [json.loads(line).get("loss") for line in (workdir / "metrics.jsonl").open()]
+
+    # Every compile logged, and stored however fast it was (a fast machine compiles in < 1 s).
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "home_cache"), JAX_LOG_COMPILES="1",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    hit = "Persistent compilation cache hit for 'jit_train_step'"
+    first = run_train(tmp_path / "first", "--config.train.steps=5", env=env)
+    assert first.returncode == 0, first.stderr
+    assert hit not in first.stderr
+    cache = tmp_path / "home_cache" / "lm" / "xla"  # the default place
+    assert list(cache.glob("jit_train_step-*"))
+
+    # $JAX_COMPILATION_CACHE_DIR is used instead of the default.
+    elsewhere = dict(env, XDG_CACHE_HOME=str(tmp_path / "elsewhere"))
+    second = run_train(tmp_path / "second", "--config.train.steps=5",
+                       env=dict(elsewhere, JAX_COMPILATION_CACHE_DIR=str(cache)))
+    assert second.returncode == 0, second.stderr
+    assert hit in second.stderr
+    assert losses(tmp_path / "second") == losses(tmp_path / "first")
+
+    off = run_train(tmp_path / "off", "--config.train.steps=5", "--compilation_cache_dir=",
+                    env=dict(env, JAX_COMPILATION_CACHE_DIR=str(cache)))
+    assert off.returncode == 0, off.stderr
+    assert "compilation cache" not in off.stderr.lower()
 
 
 def test_training_beats_the_unigram_baseline(tmp_path):
