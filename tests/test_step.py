@@ -138,6 +138,17 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules():
             assert leaf.addressable_shards[0].data.shape == shard_shape, path
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_sharded_initial_state_is_exactly_the_models_own_initialisation(variant):
+    # The state's initializer is compiled at a lower optimisation level (faster to compile).
+    _, steps = compiled(variant, (2, 2, 2))
+    config = run_config(variant)
+    model = Transformer(ModelConfig.from_config(config.model, VOCAB))
+    tokens = np.zeros((1, LENGTH), np.int32)
+    expected = nn.unbox(jax.jit(model.init)(jax.random.key(config.seed), tokens))["params"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(steps.init().params), expected)
+
+
 def test_accumulating_micro_batches_equals_one_full_batch_step():
     batch = make_batch()
     expected_state, expected = train(*compiled("gpt2", (2, 1, 4)), batch, 2)
