@@ -10,6 +10,7 @@ that compile in under a second are not stored (JAX's default). Kept free of heav
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from absl import flags
@@ -25,16 +26,27 @@ _DIR = flags.DEFINE_string(
 MAX_BYTES = 4 * 2**30
 
 
+def _writable(path: str) -> bool:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK)
+
+
 def enable() -> str | None:
     """Use the cache directory the flag (or $JAX_COMPILATION_CACHE_DIR) names; returns it, or None
     when the cache is off. Call before the first compile."""
     import jax
 
     path = _DIR.value if _DIR.present or ENV not in os.environ else os.environ[ENV]
-    if not path:
-        jax.config.update("jax_compilation_cache_dir", None)
-        return None
-    path = str(Path(path).expanduser())
+    path = str(Path(path).expanduser()) if path else None
+    if path and not _writable(path):  # a run without the cache is still a run: say so, once
+        print(f"warning: cannot write the compilation cache {path}, so every program compiles; "
+              f"pass --compilation_cache_dir= a writable directory, or empty for no cache",
+              file=sys.stderr)
+        path = None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    if path:
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path

@@ -97,6 +97,19 @@ def test_a_rerun_loads_its_compiled_step_from_the_cache_and_trains_the_same(tmp_
     assert "compilation cache" not in off.stderr.lower()
 
 
+def test_an_unwritable_cache_directory_is_one_warning_and_no_cache(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = ("import sys; from absl import flags; from lm import compilation_cache; "
+            "flags.FLAGS(sys.argv); print(compilation_cache.enable())")
+    result = subprocess.run([sys.executable, "-c", code, f"--compilation_cache_dir={blocker}/xla"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None"]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"warning: cannot write the compilation cache {blocker}/xla")
+
+
 def test_training_beats_the_unigram_baseline(tmp_path):
     """Words drawn at random from a small lexicon: after a word's first letters the rest is
     predictable, so a model that learns anything beats the character unigram baseline by far."""
