@@ -17,7 +17,7 @@ def get_config():
                         use_bias=False, mlp="gelu_exact", scan_layers=False)
     config.optim.update(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100,
                         decay_steps=1500, b1=0.9, b2=0.99, weight_decay=0.1)
-    # Every validation window is scored (~66 batches), as in configs/shakespeare_char.py.
+    # Each of the three evaluations scores every validation window (63 batches).
     config.train.update(steps=1500, batch_size=12, log_every=100, eval_every=500, eval_batches=1000,
                         sample_prompt="\n", sample_length=100)
     return config

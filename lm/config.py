@@ -90,7 +90,8 @@ def default_config() -> ConfigDict:
     t.z_loss = 0.0
     t.log_every = 50
     t.eval_every = 250
-    t.eval_batches = 20
+    t.eval_batches = 20         # batches per evaluation, windows spread evenly over the split
+    t.final_eval_batches = 0    # the evaluation after the last step; 0: eval_batches
     t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator table, or a measured matmul on CPU
     t.checkpoint_every = 500    # steps between saves (also saved at the end and on SIGTERM)
     t.checkpoint_every_minutes = 0.0  # also save this often in wall time; 0: off
@@ -211,7 +212,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     validate_data(config.data)
     for path in ("optim.learning_rate", "optim.min_learning_rate", "optim.weight_decay",
                  "optim.grad_clip", "optim.warmup_steps", "optim.decay_steps", "train.z_loss",
-                 "train.checkpoint_every_minutes", "train.keep_every", "train.sample_length"):
+                 "train.checkpoint_every_minutes", "train.keep_every", "train.sample_length",
+                 "train.final_eval_batches"):
         _check(_get(config, path) >= 0, f"config.{path}={_get(config, path)} must be >= 0")
     _check(o.min_learning_rate <= o.learning_rate,
            f"config.optim.min_learning_rate={o.min_learning_rate} exceeds "

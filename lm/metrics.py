@@ -101,10 +101,10 @@ class Reporter:
         console(f"step {step}/{self.total}  {format_metrics(metrics)}  eta {eta}")
         return metrics
 
-    def eval(self, step: int, val_loss: float, baseline: float) -> None:
-        self.writer.write(step, {"val_loss": val_loss})
-        console(f"step {step}/{self.total}  val_loss {val_loss:.4f}  (unigram baseline "
-                f"{baseline:.3f})")
+    def eval(self, step: int, val_loss: float, tokens: int, baseline: float) -> None:
+        self.writer.write(step, {"val_loss": val_loss, "val_tokens": tokens})
+        console(f"step {step}/{self.total}  val_loss {val_loss:.4f} over {tokens:,} tokens  "
+                f"(unigram baseline {baseline:.3f})")
         self._mark(step)  # evaluation time is not training throughput
 
     def close(self) -> None:

@@ -6,6 +6,11 @@ parses flags and turns user errors into one-line messages.
 
 from __future__ import annotations
 
+from lm import hugepages
+
+if __name__ == "__main__":  # before the imports below, which a restart would pay twice (1.2 s)
+    hugepages.restart_with_huge_pages()
+
 import json
 import math
 import signal
@@ -18,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import checkpoint, compilation_cache, data, distributed, flops, hugepages, optim, prepare
+from lm import checkpoint, compilation_cache, data, distributed, flops, optim, prepare
 from lm import sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate
@@ -36,16 +41,18 @@ _BUDGET = flags.DEFINE_float("memory_budget_gib", 0.0, "With --preflight: fail a
                              "memory per device (default: the device's own limit, if known).")
 
 
-def evaluate(steps: step.CompiledSteps, params, batches, mesh, global_rows: int) -> float:
-    """Mean loss per token over `batches`. A batch's sums are fetched once the next batch is
-    dispatched, so the device is not left waiting while the host prepares a batch."""
+def evaluate(steps: step.CompiledSteps, params, batches, mesh, global_rows: int
+             ) -> tuple[float, int]:
+    """(mean loss per token, tokens scored) over `batches`. A batch's sums are fetched once the
+    next batch is dispatched, so the device is not left waiting while the host prepares a batch."""
     sums = []
     for batch in batches:
         sums.append(steps.eval(params, sharding.global_batch(mesh, batch, global_rows)))
         if len(sums) > 1:
             sums[-2] = jax.device_get(sums[-2])
     sums = jax.device_get(sums)
-    return sum(float(s["nll"]) for s in sums) / sum(float(s["tokens"]) for s in sums)
+    tokens = sum(float(s["tokens"]) for s in sums)
+    return sum(float(s["nll"]) for s in sums) / tokens, int(tokens)
 
 
 class Preempted(Exception):
@@ -134,8 +141,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
     train_iter = data.train_batches(prepared.train, cfg.context_length, t.batch_size, config.seed,
                                     segment_eos=segment_eos,
                                     read_threads=config.data.read_threads)
-    val_batches = data.eval_batches(prepared.val, cfg.context_length, t.batch_size, t.eval_batches,
-                                    segment_eos=segment_eos)
+
+    def val_batches(final: bool) -> list[data.Batch]:
+        count = t.final_eval_batches if final and t.final_eval_batches else t.eval_batches
+        return data.eval_batches(prepared.val, cfg.context_length, t.batch_size, count,
+                                 segment_eos=segment_eos)
+    periodic_val = val_batches(final=False)
 
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -180,8 +191,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
             if i % t.log_every == 0 or i == t.steps:
                 metrics = report.train(i, metrics)
             if i % t.eval_every == 0 or i == t.steps:
-                val_loss = evaluate(steps, state.params, val_batches, mesh, t.batch_size)
-                report.eval(i, val_loss, unigram)
+                val_loss, val_tokens = evaluate(
+                    steps, state.params, val_batches(final=True) if i == t.steps else periodic_val,
+                    mesh, t.batch_size)
+                report.eval(i, val_loss, val_tokens, unigram)
             if checkpointer.should_save(i) or i == t.steps or sigterm.is_set():
                 _check_finite(pending, i, t.skip_nonfinite)
                 checkpointer.save(i, state, train_iter)
@@ -197,7 +210,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
 
     if start == t.steps:
         console(f"{workdir} is already at step {start} of {t.steps}: nothing to train")
-        val_loss = evaluate(steps, state.params, val_batches, mesh, t.batch_size)
+        val_loss, _ = evaluate(steps, state.params, val_batches(final=True), mesh, t.batch_size)
     if t.sample_length > 0:
         prompt = tokenizers.document_ids(prepared.tokenizer, t.sample_prompt)
         length = min(t.sample_length, cfg.context_length - 1)

@@ -1,6 +1,7 @@
 """The binaries restart themselves once with glibc's huge-page tunable, and respect a user's own."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,3 +56,14 @@ def test_train_binary_runs_with_huge_pages_when_started_without_them(tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.parametrize("binary", ["lm.train", "lm.evaluate"])
+def test_binaries_restart_before_importing_jax(binary):
+    # -X importtime survives the restart (sys.orig_argv) and logs each process's imports to
+    # stderr: JAX imported before the restart would be imported twice, a second of every start.
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", binary, "--helpshort"],
+                            cwd=ROOT, env=environment(), capture_output=True, text=True,
+                            timeout=120)
+    jax_imports = [line for line in result.stderr.splitlines() if re.search(r"\|\s*jax$", line)]
+    assert len(jax_imports) == 1, result.stderr[-2000:]

@@ -21,7 +21,8 @@ def run_train(workdir, *overrides, config="configs/tiny.py", env=None):
 
 def test_train_binary_writes_config_metrics_events_and_tokenizer(tmp_path):
     result = run_train(tmp_path, "--config.train.steps=10", "--config.mesh.data=2",
-                       "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+                       "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                       "--config.train.eval_every=5", "--config.train.final_eval_batches=4")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 10
     assert json.loads((tmp_path / "tokenizer.json").read_text())["type"] == "char"
@@ -30,7 +31,11 @@ def test_train_binary_writes_config_metrics_events_and_tokenizer(tmp_path):
     assert [r["step"] for r in train] == [5, 10]
     for record in train:
         assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"} <= set(record)
-    assert [r["step"] for r in records if "val_loss" in r] == [10]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    # tiny.py's eval_batches=2 batches of 8 windows of 32 tokens; the last evaluation scores 4
+    assert [r["val_tokens"] for r in evals] == [2 * 8 * 32, 4 * 8 * 32]
+    assert "val_loss" in result.stdout and f"over {4 * 8 * 32:,} tokens" in result.stdout
     assert list(tmp_path.glob("events.out.tfevents.*"))
     assert "sample (" in result.stdout
 
@@ -41,6 +46,7 @@ def test_train_binary_writes_config_metrics_events_and_tokenizer(tmp_path):
     ("--config.train.batch_size=12", "config.train.batch_size=12"),
     ("--config.optim.learning_rate=-0.1", "config.optim.learning_rate=-0.1"),
     ("--config.train.sample_length=-1", "config.train.sample_length=-1"),
+    ("--config.train.final_eval_batches=-1", "config.train.final_eval_batches=-1"),
     ("--config.data.read_threads=-1", "config.data.read_threads=-1"),
     ("--config.data.path=/no/such/corpus.txt", "config.data.path='/no/such/corpus.txt'"),
     ("--config.model.no_such_field=1", "--config.model.no_such_field"),
