@@ -167,7 +167,6 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    hugepages.restart_with_huge_pages()
     app.run(main, flags_parser=parse_flags)
 
 

@@ -58,11 +58,21 @@ def test_train_binary_runs_with_huge_pages_when_started_without_them(tmp_path):
         process.wait()
 
 
-@pytest.mark.parametrize("binary", ["lm.train", "lm.evaluate"])
+def console_script(name: str) -> str:
+    script = Path(sys.executable).with_name(name)  # where pip installs it, beside the interpreter
+    if not script.exists():
+        pytest.skip(f"{name} is not installed (pip install -e .)")
+    return str(script)
+
+
+@pytest.mark.parametrize("binary", [
+    ["-m", "lm.train"], ["-m", "lm.evaluate"], ["lm-train"], ["lm-evaluate"]],
+    ids=["python -m lm.train", "python -m lm.evaluate", "lm-train", "lm-evaluate"])
 def test_binaries_restart_before_importing_jax(binary):
     # -X importtime survives the restart (sys.orig_argv) and logs each process's imports to
     # stderr: JAX imported before the restart would be imported twice, a second of every start.
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", binary, "--helpshort"],
+    command = binary if binary[0] == "-m" else [console_script(binary[0])]
+    result = subprocess.run([sys.executable, "-X", "importtime", *command, "--helpshort"],
                             cwd=ROOT, env=environment(), capture_output=True, text=True,
                             timeout=120)
     jax_imports = [line for line in result.stderr.splitlines() if re.search(r"\|\s*jax$", line)]
