@@ -1,18 +1,18 @@
-"""The console scripts `lm-train` and `lm-evaluate`: each restarts for huge pages (lm/hugepages.py)
+"""The console scripts `lm-train` and `lm-evaluate`: each restarts with its allocator (lm/allocator.py)
 before it imports its binary, whose imports (JAX among them) a restart would otherwise pay twice."""
 
 from __future__ import annotations
 
-from lm import hugepages
+from lm import allocator
 
 
 def train() -> None:
-    hugepages.restart_with_huge_pages()
+    allocator.restart_with_retained_memory()
     from lm.train import run
     run()
 
 
 def evaluate() -> None:
-    hugepages.restart_with_huge_pages()
+    allocator.restart_with_retained_memory()
     from lm.evaluate import run
     run()

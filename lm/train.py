@@ -6,10 +6,10 @@ parses flags and turns user errors into one-line messages.
 
 from __future__ import annotations
 
-from lm import hugepages
+from lm import allocator
 
 if __name__ == "__main__":  # before the imports below, which a restart would pay twice (1.2 s)
-    hugepages.restart_with_huge_pages()
+    allocator.restart_with_retained_memory()
 
 import json
 import math

@@ -44,7 +44,7 @@ from absl import app, flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lm import hugepages  # noqa: E402  (stdlib only: the parent process stays light)
+from lm import allocator  # noqa: E402  (stdlib only: the parent process stays light)
 
 _SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which set of rows to run.")
 _ROWS = flags.DEFINE_list("rows", [], "Run only these rows (names from the suite tables).")
@@ -412,12 +412,11 @@ def _with_torch_pairs(names: list[str], table: dict) -> list[str]:
 
 
 def row_environment() -> dict:
-    """The environment of every row's process, lm's and PyTorch's alike: glibc backs large
-    allocations with transparent huge pages (unless the caller set GLIBC_TUNABLES), as lm's
-    binaries do for themselves (lm/hugepages.py). A fresh 400 MB activation otherwise costs 100k
-    page faults, 120 ms on this CPU: a quarter of a train step, a third of a decode step. JAX's
-    compilation cache stays off, whatever the caller's environment: compile times are cold ones."""
-    return {"GLIBC_TUNABLES": hugepages.TUNABLES, **os.environ, "JAX_COMPILATION_CACHE_DIR": ""}
+    """The environment of every row's process, lm's and PyTorch's alike: the allocator that keeps
+    freed memory, as lm's binaries choose for themselves (lm/allocator.py), unless the caller
+    chose one. JAX's compilation cache stays off whatever the caller's environment: compile times
+    are cold ones."""
+    return {**allocator.environment(os.environ), "JAX_COMPILATION_CACHE_DIR": ""}
 
 
 def _in_fresh_process(name: str, repeats: int) -> dict:
@@ -498,7 +497,10 @@ def main(argv: list[str]) -> None:
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     _relative_to_measured_peaks(results)
     _relative_to_torch(results)
-    print(f"Each row in a fresh process with GLIBC_TUNABLES={row_environment()['GLIBC_TUNABLES']}")
+    env = row_environment()
+    print("Each row in a fresh process with " + ", ".join(
+        f"{name}={env[name]}" for name in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")
+        if name in env))
     print(_table(results))
     if _OUTPUT.value:
         Path(_OUTPUT.value).write_text(json.dumps(results, indent=2))

@@ -87,6 +87,19 @@ def test_a_tiny_model_overfits_one_batch():
     assert evaluated["nll"] / evaluated["tokens"] < 0.3
 
 
+def test_the_cpu_train_step_runs_xlas_own_dots_not_ynnpack_fusions():
+    _, steps = compiled()
+    assert "__ynn_fusion" not in steps.train.as_text()
+    assert steps.train.as_text().count(" dot(") >= 2 * 6  # forward and gradient products remain
+
+
+def test_a_train_option_unknown_to_xla_falls_back_to_its_defaults(monkeypatch):
+    monkeypatch.setattr(step, "CPU_TRAIN_OPTIONS", {"xla_cpu_option_of_an_older_xla": ""})
+    mesh, steps = compile_run(run_config())
+    _, history = train(mesh, steps, make_batch(), 3)  # the first update has a learning rate of 0
+    assert history[2]["loss"] < history[0]["loss"]
+
+
 @pytest.mark.parametrize("variant, mesh", [
     ("gpt2", (8, 1, 1)), ("gpt2", (1, 8, 1)), ("gpt2", (2, 1, 4)), ("gpt2", (2, 2, 2)),
     ("llama", (2, 2, 2))], ids=lambda x: x if isinstance(x, str) else "x".join(map(str, x)))

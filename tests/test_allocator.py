@@ -1,0 +1,126 @@
+"""The binaries restart themselves once with an allocator that keeps freed memory, and respect a
+user's own choice of allocator."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lm import allocator
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables are Linux only")
+CHOICES = ("GLIBC_TUNABLES", "MALLOC_CONF", "LD_PRELOAD")
+JEMALLOC = allocator.environment({}).get("LD_PRELOAD")  # None where jemalloc is not installed
+
+# Prints a line before the restart and the settings after it: one restart shows as two "start".
+PROBE = ("import os, sys; from lm import allocator; print('start', flush=True); "
+         "allocator.restart_with_retained_memory(); "
+         f"print([os.environ.get(k) for k in {CHOICES}], sys.argv[1:])")
+
+# Allocates, frees and allocates again a 256 MiB buffer: the page faults of the second touch.
+REUSE = ("import resource, numpy as np; np.ones(2**26, np.float32); "
+         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; np.ones(2**26, np.float32); "
+         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+
+
+def environment(**extra) -> dict:
+    return {**{k: v for k, v in os.environ.items() if k not in CHOICES}, **extra}
+
+
+def run(code: str, env: dict, *args: str) -> list[str]:
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_restart_happens_once_with_the_allocator_and_the_same_arguments():
+    settings = allocator.environment(environment())
+    expected = str([settings.get(k) for k in CHOICES])
+    assert run(PROBE, environment(), "a", "--b=1") == ["start", "start", f"{expected} ['a', '--b=1']"]
+
+
+@pytest.mark.parametrize("choice", [{"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                                    {"MALLOC_CONF": ""}, {"LD_PRELOAD": "libtcmalloc.so.4"}])
+def test_a_users_own_allocator_choice_is_kept_without_a_restart(choice):
+    kept = str([choice.get(k) for k in CHOICES])
+    assert run(PROBE, environment(**choice), "a") == ["start", f"{kept} ['a']"]
+
+
+def test_jemalloc_is_preloaded_before_other_libraries_and_glibc_is_the_fallback():
+    env = environment(LD_PRELOAD="libfoo.so")
+    with_jemalloc = allocator.environment(env, jemalloc="libjemalloc.so.2")
+    assert with_jemalloc["LD_PRELOAD"] == "libjemalloc.so.2 libfoo.so"
+    assert with_jemalloc["MALLOC_CONF"] == allocator.JEMALLOC_CONF
+    assert "GLIBC_TUNABLES" not in with_jemalloc
+    assert allocator.environment(env, jemalloc=None) == {
+        **env, "GLIBC_TUNABLES": allocator.GLIBC_TUNABLES}
+
+
+@pytest.mark.parametrize("library", ["glibc", "jemalloc"])
+def test_freed_memory_is_reused_without_page_faults(library):
+    if library == "jemalloc" and JEMALLOC is None:
+        pytest.skip("jemalloc is not installed")
+    env = allocator.environment(environment(), jemalloc=None if library == "glibc" else JEMALLOC)
+    [faults] = run(REUSE, env)
+    # Mapped afresh, 256 MiB takes a fault per page: at least 128, were they all 2 MiB pages.
+    assert int(faults) < 32
+    [faults] = run(REUSE, environment(GLIBC_TUNABLES=""))  # glibc's defaults: it is mapped afresh
+    assert int(faults) >= 128
+
+
+def test_train_binary_runs_with_the_allocator_when_started_without_one(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lm.train", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
+        cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    environ = Path(f"/proc/{process.pid}/environ")
+    wanted = {f"{k}={v}".encode() for k, v in allocator.environment(environment()).items()
+              if k in CHOICES}
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            # The restart keeps the process id and replaces its environment.
+            if wanted <= set(environ.read_bytes().split(b"\0")):
+                return
+            time.sleep(0.05)
+        pytest.fail(f"the train binary never ran with {wanted}")
+    finally:
+        process.kill()
+        process.wait()
+
+
+def console_script(name: str) -> str:
+    script = Path(sys.executable).with_name(name)  # where pip installs it, beside the interpreter
+    if not script.exists():
+        pytest.skip(f"{name} is not installed (pip install -e .)")
+    return str(script)
+
+
+@pytest.mark.parametrize("binary", [
+    ["-m", "lm.train"], ["-m", "lm.evaluate"], ["lm-train"], ["lm-evaluate"]],
+    ids=["python -m lm.train", "python -m lm.evaluate", "lm-train", "lm-evaluate"])
+def test_binaries_restart_before_importing_jax(binary):
+    # -X importtime survives the restart (sys.orig_argv) and logs each process's imports to
+    # stderr: JAX imported before the restart would be imported twice, a second of every start.
+    command = binary if binary[0] == "-m" else [console_script(binary[0])]
+    result = subprocess.run([sys.executable, "-X", "importtime", *command, "--helpshort"],
+                            cwd=ROOT, env=environment(), capture_output=True, text=True,
+                            timeout=120)
+    jax_imports = [line for line in result.stderr.splitlines() if re.search(r"\|\s*jax$", line)]
+    assert len(jax_imports) == 1, result.stderr[-2000:]
+
+
+def test_the_module_prints_the_settings_as_shell_exports_for_a_notebook_server():
+    env = environment(LD_PRELOAD="libfoo.so")
+    printed = subprocess.run([sys.executable, "-m", "lm.allocator"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    echo = 'echo "' + "|".join(f"${name}" for name in CHOICES) + '"'
+    shell = subprocess.run(["bash", "-c", "\n".join([*printed, echo])], env=env,
+                           capture_output=True, text=True)
+    settings = allocator.environment(env)
+    assert shell.stdout.strip() == "|".join(settings.get(name, "") for name in CHOICES)
