@@ -57,3 +57,16 @@ def test_unknown_row_is_a_one_line_error():
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("error: unknown rows ['train_nope']")
     assert "Traceback" not in done.stderr
+
+
+def test_timing_runs_the_given_warm_up_first_and_times_only_the_repeats(monkeypatch):
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts/benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look themselves up there
+    spec.loader.exec_module(script)
+    calls = []
+    times = script._times(lambda: calls.append("run"), 3, warm_up=lambda: calls.append("warm-up"))
+    assert calls == ["warm-up", "run", "run", "run"] and len(times) == 3
+    calls.clear()
+    script._times(lambda: calls.append("run"), 2)  # without one, a first run is the warm-up
+    assert calls == ["run", "run", "run"]
