@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from absl import app, flags
 
@@ -145,7 +146,8 @@ GPU_ROWS = {
 }
 
 
-def _times(fn, repeats: int, warm_up=None) -> list[float]:
+def _times(fn: Callable[[], object], repeats: int,
+           warm_up: Callable[[], object] | None = None) -> list[float]:
     (warm_up or fn)()  # compilation and first-touch allocation
     times = []
     for _ in range(repeats):
@@ -155,7 +157,8 @@ def _times(fn, repeats: int, warm_up=None) -> list[float]:
     return times
 
 
-def _median_seconds(fn, repeats: int, warm_up=None) -> float:
+def _median_seconds(fn: Callable[[], object], repeats: int,
+                    warm_up: Callable[[], object] | None = None) -> float:
     return statistics.median(_times(fn, repeats, warm_up))
 
 
