@@ -129,10 +129,12 @@ def nanogpt_optimizer(model: NanoGPT, config: ConfigDict) -> torch.optim.Optimiz
     """nanoGPT's configure_optimizers: every tensor of 2 or more dimensions decays (embeddings
     only with optim.decay_embeddings, nanoGPT's choice), norms do not."""
     o = config.optim
-    embeddings = {model.wte.weight, model.wpe.weight}
-    decay = [p for p in model.parameters()
-             if p.dim() >= 2 and (o.decay_embeddings or p not in embeddings)]
-    rest = [p for p in model.parameters() if all(p is not q for q in decay)]
+    embeddings = (model.wte.weight, model.wpe.weight)
+
+    def decays(p: torch.Tensor) -> bool:
+        return p.dim() >= 2 and (o.decay_embeddings or all(p is not e for e in embeddings))
+    decay = [p for p in model.parameters() if decays(p)]
+    rest = [p for p in model.parameters() if not decays(p)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                               {"params": rest, "weight_decay": 0.0}],
                              lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps, fused=False)
