@@ -10,6 +10,8 @@ that carry shardings reshards onto any mesh, each device reading only its own sh
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from ml_collections import ConfigDict
 
+from lm import agreement
 from lm.config import ConfigError
 from lm.metrics import console
 from lm.step import TrainState
@@ -26,19 +29,57 @@ from lm.step import TrainState
 policies = ocp.checkpoint_managers
 
 
-class Checkpointer:
-    """Periodic saves with a retention policy, and restore of the latest readable checkpoint."""
+# How one process's attempt to read a checkpoint ended. The processes' reports are gathered and the
+# highest decides for all: a structure that does not match is refused; an error that may pass is
+# retried; a checkpoint that some process found damaged is passed over by every process.
+_READ, _DAMAGED, _FAILED, _MISMATCH = range(4)
+# The first word of a TensorStore error (an absl status code) when stored bytes cannot be what was
+# written: truncated, garbled or missing from a checkpoint that orbax had finalized.
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
 
-    def __init__(self, directory: str | Path, train: ConfigDict):
-        save = [policies.FixedIntervalPolicy(train.checkpoint_every)]
-        if train.checkpoint_every_minutes:
-            save.append(policies.EveryNSeconds(int(train.checkpoint_every_minutes * 60)))
+
+class Damaged(Exception):
+    """A checkpoint that is incomplete or corrupt: reading it again cannot help."""
+
+
+class RestoreFailed(Exception):
+    """A checkpoint could not be read, for a reason that is not proven damage; it is left as it is."""
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) proves the checkpoint itself damaged, as
+    opposed to a read that failed (network, permissions, too many open files, a bug)."""
+    while error is not None:
+        if isinstance(error, (Damaged, FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)):
+            return True
+        if isinstance(error, ValueError) and str(error).startswith(_DAMAGE_CODES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+class Checkpointer:
+    """Periodic saves with a retention policy, and the restore of the latest intact checkpoint.
+
+    `attempts` and `backoff_seconds`: a read that fails without proving the checkpoint damaged is
+    tried this many times, waiting backoff_seconds, then twice that, ..., before the run fails.
+    """
+
+    def __init__(self, directory: str | Path, train: ConfigDict, attempts: int = 5,
+                 backoff_seconds: float = 2.0):
         keep = [policies.LatestN(train.keep_checkpoints)]
         if train.keep_every:
             keep.append(policies.EveryNSteps(train.keep_every))
         self.directory = Path(directory).resolve()
+        self._every = train.checkpoint_every
+        self._attempts, self._backoff = attempts, backoff_seconds
+        self._handler = ocp.StandardCheckpointHandler()
         self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.AnySavePolicy(save),
+            save_decision_policy=policies.FixedIntervalPolicy(train.checkpoint_every),
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=True))
 
@@ -46,7 +87,8 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        return self._manager.should_save(step)
+        """Whether `step` is a `checkpoint_every` step (saves by wall time: agreement.StepDecisions)."""
+        return step % self._every == 0
 
     def save(self, step: int, state: TrainState, data_iter: Any) -> None:
         """Start saving `state` (at `step`); returns at once while the write continues behind."""
@@ -59,63 +101,119 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state: TrainState, data_iter: Any = None
                        ) -> TrainState | None:
-        """The newest checkpoint that reads back whole; restores `data_iter`'s position in place
-        when one is given.
+        """The newest checkpoint that every process reads whole, or None; restores `data_iter`'s
+        position in place when one is given. Call it on every process.
 
-        An unreadable one is renamed `<step>.unreadable` (kept for a human to look at, out of the way
-        of the run's own save of that step) and the one before it is tried. A step with parameters
-        only (an import, `python -m lm.hf`) is no run state: it is passed over, left as it is, for
+        Process 0 picks the step; every process reads its part and reports how that ended, and all
+        follow the same verdict. A checkpoint that does not fit `abstract_state` is refused with a
+        ConfigError. One that some process found incomplete or corrupt is renamed
+        `<step>.unreadable` (kept for a human, out of the way of the run's own save of that step)
+        and the one before it is tried. Any other error is retried with backoff, then raises
+        RestoreFailed, leaving the checkpoint as it is. A step with parameters only (an import,
+        `python -m lm.hf`) is no run state: it is passed over, left as it is, for
         `train.init_from` to load.
         """
-        for step in reversed(self.steps()):
-            if not (self.directory / str(step) / "opt_state").exists():
+        below, failures = None, 0
+        while True:
+            step = agreement.broadcast(self._newest_run_step(below))
+            if step < 0:
+                self._manager.reload()
+                return None
+            state, data_state, outcome, reason = self._try_read(step, abstract_state, data_iter)
+            outcomes = agreement.gather(outcome)
+            if reason:
+                _warn(f"checkpoint {self.directory / str(step)}: {reason}")
+            if max(outcomes) == _READ:
+                self._manager.reload()  # after the last agreement: process 0 renamed what it set aside
+                if data_iter is not None:
+                    self._set_data_state(step, data_iter, data_state)
+                return state
+            if max(outcomes) == _MISMATCH:
+                raise ConfigError(reason or f"checkpoint {step} does not fit this run's state on "
+                                  f"process {outcomes.index(_MISMATCH)}")
+            if max(outcomes) == _DAMAGED:
+                self._set_aside(step, [p for p, o in enumerate(outcomes) if o == _DAMAGED])
+                below, failures = step, 0
                 continue
-            try:
-                items = dict(params=ocp.args.StandardRestore(abstract_state.params),
-                             opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
-                layout_changed = data_iter is not None and not self._own_data_state(step).exists()
-                if data_iter is not None and not layout_changed:
-                    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-                items = self._manager.restore(step, args=ocp.args.Composite(**items))
-                if layout_changed:
-                    self._restore_data_across_layouts(step, data_iter)
-            except Exception as e:  # any damage: truncated files, missing items, bad metadata
-                self._set_aside(step, e)
-                continue
-            step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32),
-                                        abstract_state.step.sharding)
-            return TrainState(step=step_array, params=items.params, opt_state=items.opt_state)
-        return None
+            failures += 1
+            if failures == self._attempts:
+                raise RestoreFailed(
+                    f"cannot read checkpoint {self.directory / str(step)} after {failures} attempts "
+                    f"({reason or 'see the other processes'}); it is left as it is: rerun once the "
+                    f"storage reads again, or move it aside yourself to resume from an earlier one")
+            wait = self._backoff * 2 ** (failures - 1)
+            console(f"retrying checkpoint {step} in {wait:g} s (attempt {failures + 1} of "
+                    f"{self._attempts})")
+            time.sleep(wait)
 
-    def _own_data_state(self, step: int) -> Path:
-        return (self.directory / str(step) / "data" /
-                f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    def _newest_run_step(self, below: int | None) -> int:
+        """On process 0 (the others' answer is not used): the newest step with optimizer state
+        below `below`, or -1."""
+        if jax.process_index() != 0:
+            return -1
+        steps = [s for s in self.steps() if (below is None or s < below)
+                 and (self.directory / str(s) / "opt_state").exists()]
+        return steps[-1] if steps else -1
 
-    def _restore_data_across_layouts(self, step: int, data_iter: Any) -> None:
-        """Continue the data of a checkpoint written by another number of processes.
+    def _try_read(self, step: int, abstract_state: TrainState, data_iter: Any
+                  ) -> tuple[TrainState | None, Any, int, str]:
+        """(state, data-iterator state, outcome, reason) of this process's read of `step`."""
+        path = self.directory / str(step)
+        try:
+            for name, abstract in (("params", abstract_state.params),
+                                   ("opt_state", abstract_state.opt_state)):
+                if not (path / name).is_dir():
+                    raise Damaged(f"{name}/ is missing")
+                stored = self._handler.metadata(path / name)
+                _check_tree(stored, abstract, path / name,
+                            "the optimizer state" if name == "opt_state" else "the parameters")
+            data_state = self._read_data_state(step) if data_iter is not None else None
+            params, opt_state = (
+                self._handler.restore(path / name, args=ocp.args.StandardRestore(abstract))
+                for name, abstract in (("params", abstract_state.params),
+                                       ("opt_state", abstract_state.opt_state)))
+            jax.block_until_ready((params, opt_state))
+        except ConfigError as e:
+            return None, None, _MISMATCH, str(e)
+        except Exception as e:  # sorted below: only proven damage passes a checkpoint over
+            return None, None, _DAMAGED if is_damage(e) else _FAILED, _first_line(e)
+        step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32),
+                                    abstract_state.step.sharding)
+        return TrainState(step=step_array, params=params, opt_state=opt_state), data_state, _READ, ""
 
-        Every process's iterator yields its rows of global batch k at its k-th step, so its state
-        (the count of batches taken) is the same in any process layout: process 0's serves all.
-        """
-        saved = sorted((self.directory / str(step) / "data").glob("process_0-of-*.json"))
+    def _read_data_state(self, step: int) -> Any:
+        """This process's data-iterator state; process 0's when the checkpoint was written by
+        another number of processes. Every process's iterator yields its rows of global batch k at
+        its k-th step, so its state (the count of batches taken) is the same in any layout."""
+        folder = self.directory / str(step) / "data"
+        own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        saved = [own] if own.exists() else sorted(folder.glob("process_0-of-*.json"))
         if not saved:
-            raise FileNotFoundError(f"no data-iterator state in checkpoint {step}")
-        data_iter.set_state(json.loads(saved[0].read_text()))
-        console(f"checkpoint {step} was written by {saved[0].stem.split('-of-')[1]} processes; "
-                f"each of the {jax.process_count()} now continues at the same global batch")
+            raise Damaged("no data-iterator state")
+        return json.loads(saved[0].read_text())
 
-    def _set_aside(self, step: int, error: Exception) -> None:
+    def _set_data_state(self, step: int, data_iter: Any, state: Any) -> None:
+        data_iter.set_state(state)
+        writers = {p.stem.split("-of-")[1]
+                   for p in (self.directory / str(step) / "data").glob("process_0-of-*.json")}
+        if str(jax.process_count()) not in writers:
+            console(f"checkpoint {step} was written by {min(writers)} processes; each of the "
+                    f"{jax.process_count()} now continues at the same global batch")
+
+    def _set_aside(self, step: int, processes: list[int]) -> None:
+        """Rename a damaged step (process 0), so that the run can save that step again."""
         path = self.directory / str(step)
         target = path.with_name(f"{step}.unreadable")
         suffix = 1
         while target.exists():
             target, suffix = path.with_name(f"{step}.unreadable{suffix}"), suffix + 1
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        console(f"warning: checkpoint {path} is unreadable ({reason}); moved to {target.name}, "
-                f"resuming from an earlier one")
+        where = f" (found by process {', '.join(map(str, processes))})" \
+            if jax.process_count() > 1 else ""
+        console(f"warning: checkpoint {path} is incomplete or corrupt{where}; moved to "
+                f"{target.name}, resuming from an earlier one")
         if jax.process_index() == 0:
             path.rename(target)
-        self._manager.reload()
+            self._manager.reload()
 
     def wait(self) -> None:
         """Block until pending saves are on disk; re-raises a background save's error."""
@@ -124,6 +222,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _warn(message: str) -> None:
+    """A problem this process saw, on its own stderr (console() prints on process 0 only)."""
+    prefix = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+    print(f"{prefix}warning: {message}", file=sys.stderr, flush=True)
 
 
 def restore_params(path: str | Path, abstract_params: Any) -> Any:
@@ -145,22 +249,34 @@ def restore_params(path: str | Path, abstract_params: Any) -> Any:
     try:
         checkpointer = ocp.StandardCheckpointer()
         stored = checkpointer.metadata(path / "params")
-        _check_shapes(getattr(stored, "item_metadata", stored), abstract_params, path)
+        _check_tree(getattr(stored, "item_metadata", stored), abstract_params, path,
+                    "the parameters")
         return checkpointer.restore(path / "params", abstract_params)
     finally:
         logging.set_verbosity(verbosity)
 
 
-def _check_shapes(stored: Any, wanted: Any, path: Path) -> None:
-    flat_stored = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
-    flat_wanted = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(wanted)}
+def _leaves(tree: Any) -> dict[str, Any]:
+    """Leaves by path, the same for a stored tree (lists and dicts) and a live one (tuples,
+    namedtuples, dataclasses): `1/0/mu/embed`."""
+    def name(key) -> str:
+        return str(next(getattr(key, a) for a in ("key", "idx", "name") if hasattr(key, a)))
+    tree = getattr(tree, "tree", tree)  # orbax's metadata holds the stored tree in `.tree`
+    return {"/".join(map(name, path)): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_tree(stored: Any, wanted: Any, path: Path, what: str) -> None:
+    """Refuse a checkpoint item whose leaves or shapes differ from those this run expects."""
+    flat_stored, flat_wanted = _leaves(stored), _leaves(wanted)
     problems = [f"{k} missing" for k in flat_wanted if k not in flat_stored]
     problems += [f"{k} unexpected" for k in flat_stored if k not in flat_wanted]
     problems += [f"{k} {tuple(flat_stored[k].shape)} vs {tuple(v.shape)}"
                  for k, v in flat_wanted.items()
                  if k in flat_stored and tuple(flat_stored[k].shape) != tuple(v.shape)]
     if problems:
-        raise ConfigError(f"{path}: parameters do not match this model ({len(problems)} "
-                          f"differences; first: {'; '.join(problems[:3])}); use the same "
-                          f"config.model as the checkpoint's run")
-
+        fix = ("use the same config.model as the checkpoint's run" if what == "the parameters" else
+               "use the optimizer settings of the checkpoint's run (optim.grad_clip on or off)")
+        verb = "do" if what.endswith("s") else "does"
+        raise ConfigError(f"{path}: {what} {verb} not match this run's ({len(problems)} "
+                          f"differences; first: {'; '.join(problems[:3])}); {fix}")

@@ -135,7 +135,8 @@ def load(path: str | Path, *, step: int | None = None, fsdp: int = 1, tensor: in
     the rest data-parallel."""
     workdir, step_dir = _workdir_and_step(Path(path).resolve(), step)
     config = ConfigDict(json.loads((workdir / "config.json").read_text()))
-    config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor)
+    # The mesh is this process's, whatever the training run's was (dcn_* spanned its hosts).
+    config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor, dcn_data=1, dcn_fsdp=1)
     tokenizer = tokenizers.load(workdir / "tokenizer.json")
     mesh = sharding.make_mesh(config, devices)
     cfg = ModelConfig.for_run(config, tokenizer.vocab_size, mesh.shape["tensor"])
