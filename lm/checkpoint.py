@@ -127,7 +127,10 @@ class Checkpointer:
                 self._manager.reload()  # after the last agreement: process 0 renamed what it set aside
                 if data_iter is not None:
                     self._set_data_state(step, data_iter, data_state)
-                return state
+                # Multi-process, device_put checks that every process passes the same value: a
+                # collective, so only once all have read.
+                return state.replace(step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32),
+                                                         abstract_state.step.sharding))
             if max(outcomes) == _MISMATCH:
                 raise ConfigError(reason or f"checkpoint {step} does not fit this run's state on "
                                   f"process {outcomes.index(_MISMATCH)}")
@@ -177,9 +180,7 @@ class Checkpointer:
             return None, None, _MISMATCH, str(e)
         except Exception as e:  # sorted below: only proven damage passes a checkpoint over
             return None, None, _DAMAGED if is_damage(e) else _FAILED, _first_line(e)
-        step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32),
-                                    abstract_state.step.sharding)
-        return TrainState(step=step_array, params=params, opt_state=opt_state), data_state, _READ, ""
+        return TrainState(step=step, params=params, opt_state=opt_state), data_state, _READ, ""
 
     def _read_data_state(self, step: int) -> Any:
         """This process's data-iterator state; process 0's when the checkpoint was written by
