@@ -1,10 +1,12 @@
 """Checkpoints: asynchronous orbax saves of the train state and the data iterator's position.
 
-A checkpoint is `workdir/checkpoints/<step>/` with three items: `params`, `opt_state` and `data`
-(the grain iterator's state, so a resumed run reads exactly the next batch). The step is the
-directory's name and the state's own `step`. Orbax writes into a temporary directory and renames it
-when complete, so a killed save leaves nothing that looks finished. Restoring against abstract arrays
-that carry shardings reshards onto any mesh, each device reading only its own shard.
+A checkpoint is `workdir/checkpoints/<step>/` with four items: `params`, `opt_state`, `data` (the
+grain iterator's state, so a resumed run reads exactly the next batch) and `fingerprint` (a checksum
+of every array, computed on the devices: orbax stores chunks without one, so a flipped byte would
+otherwise restore as wrong numbers). The step is the directory's name and the state's own `step`.
+Orbax writes into a temporary directory and renames it when complete, so a killed save leaves
+nothing that looks finished. Restoring against abstract arrays that carry shardings reshards onto
+any mesh, each device reading only its own shard.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from ml_collections import ConfigDict
@@ -97,7 +100,8 @@ class Checkpointer:
         self._manager.save(step, force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             opt_state=ocp.args.StandardSave(state.opt_state),
-            data=grain.checkpoint.CheckpointSave(data_iter)))
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            fingerprint=ocp.args.JsonSave(fingerprints(_items(state)))))
 
     def restore_latest(self, abstract_state: TrainState, data_iter: Any = None
                        ) -> TrainState | None:
@@ -114,15 +118,8 @@ class Checkpointer:
         `train.init_from` to load.
         """
         below, failures = None, 0
-        while True:
-            step = agreement.broadcast(self._newest_run_step(below))
-            if step < 0:
-                self._manager.reload()
-                return None
-            state, data_state, outcome, reason = self._try_read(step, abstract_state, data_iter)
-            outcomes = agreement.gather(outcome)
-            if reason:
-                _warn(f"checkpoint {self.directory / str(step)}: {reason}")
+        while (step := agreement.broadcast(self._newest_run_step(below))) >= 0:
+            outcomes, state, data_state, reason = self._agreed_read(step, abstract_state, data_iter)
             if max(outcomes) == _READ:
                 self._manager.reload()  # after the last agreement: process 0 renamed what it set aside
                 if data_iter is not None:
@@ -139,15 +136,37 @@ class Checkpointer:
                 below, failures = step, 0
                 continue
             failures += 1
-            if failures == self._attempts:
-                raise RestoreFailed(
-                    f"cannot read checkpoint {self.directory / str(step)} after {failures} attempts "
-                    f"({reason or 'see the other processes'}); it is left as it is: rerun once the "
-                    f"storage reads again, or move it aside yourself to resume from an earlier one")
-            wait = self._backoff * 2 ** (failures - 1)
-            console(f"retrying checkpoint {step} in {wait:g} s (attempt {failures + 1} of "
-                    f"{self._attempts})")
-            time.sleep(wait)
+            self._wait_to_retry(step, failures, reason)
+        self._manager.reload()
+        return None
+
+    def _agreed_read(self, step: int, abstract_state: TrainState, data_iter: Any
+                     ) -> tuple[list[int], TrainState | None, Any, str]:
+        """(every process's outcome, this process's state, data-iterator state and reason): of
+        reading `step`, and once every process has read it, of checking its arrays against the
+        fingerprint saved with them (a computation over all processes' shards)."""
+        path = self.directory / str(step)
+        read, outcome, reason = _attempt(
+            lambda: self._read(path, abstract_state, data_iter is not None))
+        state, data_state = read or (None, None)
+        outcomes = agreement.gather(outcome)
+        if max(outcomes) == _READ:
+            _, outcome, reason = _attempt(lambda: _verify(path, _items(state)))
+            outcomes = agreement.gather(outcome)
+        if reason:
+            _warn(f"checkpoint {path}: {reason}")
+        return outcomes, state, data_state, reason
+
+    def _wait_to_retry(self, step: int, failures: int, reason: str) -> None:
+        if failures == self._attempts:
+            raise RestoreFailed(
+                f"cannot read checkpoint {self.directory / str(step)} after {failures} attempts "
+                f"({reason or 'see the other processes'}); it is left as it is: rerun once the "
+                f"storage reads again, or move it aside yourself to resume from an earlier one")
+        wait = self._backoff * 2 ** (failures - 1)
+        console(f"retrying checkpoint {step} in {wait:g} s (attempt {failures + 1} of "
+                f"{self._attempts})")
+        time.sleep(wait)
 
     def _newest_run_step(self, below: int | None) -> int:
         """On process 0 (the others' answer is not used): the newest step with optimizer state
@@ -158,35 +177,29 @@ class Checkpointer:
                  and (self.directory / str(s) / "opt_state").exists()]
         return steps[-1] if steps else -1
 
-    def _try_read(self, step: int, abstract_state: TrainState, data_iter: Any
-                  ) -> tuple[TrainState | None, Any, int, str]:
-        """(state, data-iterator state, outcome, reason) of this process's read of `step`."""
-        path = self.directory / str(step)
-        try:
+    def _read(self, path: Path, abstract_state: TrainState, with_data: bool
+              ) -> tuple[TrainState, Any]:
+        """(this process's part of the state, its data-iterator state if `with_data`)."""
+        for name, abstract in (("params", abstract_state.params),
+                               ("opt_state", abstract_state.opt_state)):
+            if not (path / name).is_dir():
+                raise Damaged(f"{name}/ is missing")
+            _check_tree(self._handler.metadata(path / name), abstract, path / name,
+                        "the optimizer state" if name == "opt_state" else "the parameters")
+        data_state = self._read_data_state(path) if with_data else None
+        params, opt_state = (
+            self._handler.restore(path / name, args=ocp.args.StandardRestore(abstract))
             for name, abstract in (("params", abstract_state.params),
-                                   ("opt_state", abstract_state.opt_state)):
-                if not (path / name).is_dir():
-                    raise Damaged(f"{name}/ is missing")
-                stored = self._handler.metadata(path / name)
-                _check_tree(stored, abstract, path / name,
-                            "the optimizer state" if name == "opt_state" else "the parameters")
-            data_state = self._read_data_state(step) if data_iter is not None else None
-            params, opt_state = (
-                self._handler.restore(path / name, args=ocp.args.StandardRestore(abstract))
-                for name, abstract in (("params", abstract_state.params),
-                                       ("opt_state", abstract_state.opt_state)))
-            jax.block_until_ready((params, opt_state))
-        except ConfigError as e:
-            return None, None, _MISMATCH, str(e)
-        except Exception as e:  # sorted below: only proven damage passes a checkpoint over
-            return None, None, _DAMAGED if is_damage(e) else _FAILED, _first_line(e)
-        return TrainState(step=step, params=params, opt_state=opt_state), data_state, _READ, ""
+                                   ("opt_state", abstract_state.opt_state)))
+        jax.block_until_ready((params, opt_state))
+        return TrainState(step=int(path.name), params=params, opt_state=opt_state), data_state
 
-    def _read_data_state(self, step: int) -> Any:
+    @staticmethod
+    def _read_data_state(path: Path) -> Any:
         """This process's data-iterator state; process 0's when the checkpoint was written by
         another number of processes. Every process's iterator yields its rows of global batch k at
         its k-th step, so its state (the count of batches taken) is the same in any layout."""
-        folder = self.directory / str(step) / "data"
+        folder = path / "data"
         own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         saved = [own] if own.exists() else sorted(folder.glob("process_0-of-*.json"))
         if not saved:
@@ -225,6 +238,58 @@ class Checkpointer:
         self._manager.close()
 
 
+def _attempt(read: Callable[[], Any]) -> tuple[Any, int, str]:
+    """(read()'s value, _READ, "") or (None, the outcome its error means, the reason)."""
+    try:
+        return read(), _READ, ""
+    except ConfigError as e:
+        return None, _MISMATCH, str(e)
+    except Exception as e:  # sorted here: only proven damage passes a checkpoint over
+        return None, _DAMAGED if is_damage(e) else _FAILED, _first_line(e)
+
+
+@jax.jit
+def _sums(leaves: list[jax.Array]) -> list[jax.Array]:
+    def one(x: jax.Array) -> jax.Array:
+        if x.dtype == bool:
+            x = x.astype(jnp.uint8)
+        words = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32)
+        words = words.reshape(-1)
+        return jnp.sum(words * (2 * jnp.arange(words.size, dtype=jnp.uint32) + 1))
+    return [one(x) for x in leaves]
+
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _items(state: TrainState) -> dict[str, Any]:
+    return {"params": state.params, "opt_state": state.opt_state}
+
+
+def fingerprints(trees: dict[str, Any]) -> dict[str, list[int]]:
+    """Per array of each tree (the parameters, the optimizer state): the sum of its words (bits as
+    unsigned integers) times 1, 3, 5, ... by position, modulo 2**32. Any change within one word
+    changes it (an odd weight times a nonzero change below 2**32 is never a multiple of 2**32);
+    other changes escape with a chance of 2**-32. Integer sums are exact in any order, so the
+    result does not depend on the mesh. A computation over all processes' shards."""
+    return {name: [int(v) for v in jax.device_get(_sums(jax.tree.leaves(tree)))]
+            for name, tree in trees.items()}
+
+
+def _verify(path: Path, trees: dict[str, Any]) -> None:
+    """Raise Damaged when the arrays differ from the fingerprint saved with them (checkpoints
+    written before fingerprints, and imports, have none to compare with)."""
+    actual = fingerprints(trees)  # first, on every process: a computation over all of them
+    if not (path / "fingerprint").is_dir():
+        return
+    saved = ocp.JsonCheckpointHandler().restore(path / "fingerprint")
+    wrong = [f"{name}[{i}]" for name in actual for i, (a, b) in
+             enumerate(zip(actual[name], saved[name])) if a != b]
+    if wrong or any(len(actual[n]) != len(saved[n]) for n in actual):
+        raise Damaged(f"{len(wrong)} arrays differ from the fingerprint saved with them "
+                      f"(first: {', '.join(wrong[:3])}): the stored bytes changed after the save")
+
+
 def _warn(message: str) -> None:
     """A problem this process saw, on its own stderr (console() prints on process 0 only)."""
     prefix = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
@@ -252,7 +317,12 @@ def restore_params(path: str | Path, abstract_params: Any) -> Any:
         stored = checkpointer.metadata(path / "params")
         _check_tree(getattr(stored, "item_metadata", stored), abstract_params, path,
                     "the parameters")
-        return checkpointer.restore(path / "params", abstract_params)
+        params = checkpointer.restore(path / "params", abstract_params)
+        try:
+            _verify(path, {"params": params})
+        except Damaged as e:
+            raise ConfigError(f"{path}: {e}; the checkpoint is corrupt: load another step") from e
+        return params
     finally:
         logging.set_verbosity(verbosity)
 

@@ -207,13 +207,20 @@ def test_toggling_grad_clip_is_refused_before_any_restore_and_every_checkpoint_s
     assert not list((workdir / "checkpoints").glob("*.unreadable*"))
 
 
-def truncate_largest(folder: Path) -> None:
-    largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    largest.write_bytes(largest.read_bytes()[:10])
+def largest_file(folder: Path) -> Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 DAMAGE = {
-    "array data truncated": lambda step: truncate_largest(step / "opt_state"),
+    "array data truncated": lambda step: largest_file(step / "opt_state").write_bytes(b"0" * 10),
+    # zstd decodes it without complaint, to wrong numbers: only the fingerprint can tell.
+    "a byte of array data flipped": lambda step: flip_a_byte(largest_file(step / "opt_state")),
     "array metadata garbled": lambda step: (step / "params" / "_METADATA").write_text("{garbage"),
     "OCDBT manifest deleted": lambda step: (step / "params" / "manifest.ocdbt").unlink(),
     "parameters missing": lambda step: shutil.rmtree(step / "params"),
@@ -222,11 +229,13 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
 def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_restores(
-        preempted, abstract_state, tmp_path, damage):
+        preempted, abstract_state, tmp_path, capsys, damage):
     workdir = copy_of(preempted[0], tmp_path)
     *_, before, last = saved_steps(workdir)
     DAMAGE[damage](workdir / "checkpoints" / str(last))
     assert int(restore(workdir, abstract_state).step) == before
+    if "flipped" in damage:
+        assert "differ from the fingerprint saved with them" in capsys.readouterr().err
     assert saved_steps(workdir)[-1] == before
     assert (workdir / "checkpoints" / f"{last}.unreadable").is_dir()
 
