@@ -11,7 +11,8 @@ followed by all. In a single process all of this is local and costs nothing.
   step on every process, and false at all others. It is a local check every step; the agreement
   only runs once a notice arrives, over the coordination service, not the devices.
 - Saves by wall time: process 0's clock decides. Its flag travels in a tiny collective dispatched
-  after each step and read one step later, once that step is done, so it never makes the loop wait.
+  after a step and read one step later, once that step is done, so it never makes the loop wait;
+  and only about once a second (`_Process0Clock`), since each exchange names the step of the next.
 """
 
 from __future__ import annotations
@@ -50,24 +51,56 @@ def _catch_sigterm() -> tuple[threading.Event, Callable[[], None]]:
     return event, lambda: signal.signal(signal.SIGTERM, previous)
 
 
-class _Process0Flag:
-    """Process 0's boolean, on every process one call later: each call dispatches this call's
-    value in a max-reduction over all devices and returns the previous call's result, whose step
-    the caller has already waited for."""
+class _Process0Clock:
+    """Process 0's wall-clock save decisions, on every process at the same step.
 
-    def __init__(self):
+    A tiny max-reduction over all devices carries process 0's (save now, steps to the next
+    exchange); the others add zeros. It is dispatched after a step and read at the next one, once
+    that step is done, so the loop never waits for it; and it runs about once every
+    `EXCHANGE_SECONDS`, whatever a step takes, since each exchange names the step of the next.
+    """
+
+    EXCHANGE_SECONDS = 1.0
+
+    def __init__(self, interval_seconds: float):
         mesh = Mesh(np.array(jax.devices()), ("devices",))
         self._sharding = NamedSharding(mesh, P("devices"))
-        self._max = jax.jit(lambda x: x.max(), out_shardings=NamedSharding(mesh, P()))
-        self._local = jax.local_device_count()
-        self._pending = None
+        self._max = jax.jit(lambda x: x.max(axis=0), out_shardings=NamedSharding(mesh, P()))
+        self._interval, self._last_save = interval_seconds, time.monotonic()
+        self._pending, self._next, self._step_seconds, self._last_call = None, None, 0.0, None
 
-    def exchange(self, flag: bool) -> bool:
-        local = np.full((self._local,), int(flag and jax.process_index() == 0), np.int32)
-        values = jax.make_array_from_process_local_data(self._sharding, local,
-                                                        (jax.device_count(),))
-        previous, self._pending = self._pending, self._max(values)
-        return previous is not None and bool(np.asarray(previous))
+    def saved(self) -> None:
+        self._last_save = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """Whether every process saves at `step`; call it at every step, on every process."""
+        now = time.monotonic()
+        if self._last_call is not None:  # a running mean of the time a step takes
+            took = now - self._last_call
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * took if self._step_seconds \
+                else took
+        self._last_call = now
+        save = False
+        if self._pending is not None:  # dispatched at the previous step, which is done
+            save, gap = (int(v) for v in np.asarray(self._pending))
+            self._pending, self._next = None, step - 1 + gap
+        if self._next is None or step == self._next:
+            self._pending = self._exchange(self._payload())
+        return bool(save)
+
+    def _payload(self) -> tuple[int, int]:
+        if jax.process_index() != 0:
+            return 0, 0
+        gap = int(self.EXCHANGE_SECONDS / self._step_seconds) if self._step_seconds else 1
+        due = time.monotonic() - self._last_save >= self._interval
+        if due:  # the save follows at the next step: count from here
+            self._last_save = time.monotonic()
+        return int(due), min(max(gap, 2), 10_000)
+
+    def _exchange(self, payload: tuple[int, int]) -> jax.Array:
+        local = np.tile(np.array(payload, np.int32), (jax.local_device_count(), 1))
+        return self._max(jax.make_array_from_process_local_data(
+            self._sharding, local, (jax.device_count(), 2)))
 
 
 class StepDecisions:
@@ -81,7 +114,8 @@ class StepDecisions:
             else _catch_sigterm()
         self._interval = save_every_seconds
         self._last_save = time.monotonic()
-        self._flag = _Process0Flag() if self._multi and save_every_seconds else None
+        self._clock = _Process0Clock(save_every_seconds) if self._multi and save_every_seconds \
+            else None
 
     def stop(self, step: int) -> bool:
         """Whether every process stops after `step`; call it at every step, on every process."""
@@ -89,18 +123,20 @@ class StepDecisions:
             return multihost_utils.reached_preemption_sync_point(step)
         return self._sigterm.is_set()
 
-    def save_due(self) -> bool:
-        """Whether every process saves at this step for wall time; call it at every step."""
-        if not self._interval:
-            return False
-        due = time.monotonic() - self._last_save >= self._interval
-        if due:  # the save follows for sure (now, or at the next step): count from here
+    def save_due(self, step: int) -> bool:
+        """Whether every process saves at `step` for wall time; call it at every step."""
+        if self._clock:
+            return self._clock.due(step)
+        due = bool(self._interval) and time.monotonic() - self._last_save >= self._interval
+        if due:
             self._last_save = time.monotonic()
-        return self._flag.exchange(due) if self._flag else due
+        return due
 
     def saved(self) -> None:
         """A save happened (for any reason): the wall-time interval restarts."""
         self._last_save = time.monotonic()
+        if self._clock:
+            self._clock.saved()
 
     def close(self) -> None:
         self._restore_handler()

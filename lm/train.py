@@ -203,7 +203,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
                     steps, state.params, val_batches(final=True) if i == t.steps else periodic_val,
                     mesh, t.batch_size)
                 report.eval(i, val_loss, val_tokens, unigram)
-            stop, save_due = decisions.stop(i), decisions.save_due()  # the same on every process
+            stop, save_due = decisions.stop(i), decisions.save_due(i)  # the same on every process
             if checkpointer.should_save(i) or i == t.steps or stop or save_due:
                 _check_finite(pending, i, t.skip_nonfinite)
                 checkpointer.save(i, state, train_iter)

@@ -7,14 +7,15 @@ end, and check that it ends bitwise where a run that was never stopped ends.
 Faults (each case a fresh workdir, the binary `python -m lm.train` in subprocesses):
   sigkill_mid_save      SIGKILL while the k-th asynchronous save is being written (its orbax
                         temporary directory exists), k = 1, 2, ...
-  sigkill_any_time      SIGKILL at an evenly spread time of the training steps
+  sigkill_any_time      SIGKILL after steps 1, ..., steps - 2 (evenly spread over the cases), a
+                        random part of a step's time after the step was logged
   sigkill_mid_restore   SIGKILL while a rerun is restoring (it has a checkpoint file open), or at an
                         evenly spread time of its start-up when no open file was caught
-  sigterm               SIGTERM at an evenly spread time: exit 143 with the current step saved
+  sigterm               SIGTERM at the same points: exit 143 with the current step saved
   damaged_latest        a file of the newest checkpoint truncated or one byte of it flipped, chosen
                         at random: the rerun passes the checkpoint over, or reads it intact
-  sigterm_one_of_two    two processes (data across them), SIGTERM to one of them at an evenly
-                        spread time: both exit 143 having saved the same step
+  sigterm_one_of_two    two processes (data across them), SIGTERM to one of them (alternately) at
+                        the same points: both exit 143 having saved the same step
 
 Every case is rerun to the end (twice for sigkill_mid_restore) and must then have, bitwise, the
 uninterrupted run's loss at every step and its final parameters. The table counts the cases and
@@ -166,7 +167,11 @@ class Sweep:
     cache: Path
     references: dict[int, tuple[dict[int, float], object]]  # by process count: losses, params
     rng: random.Random
-    run_seconds: float
+    run_seconds: float  # an uninterrupted run's, from its first logged step to its end
+
+    @property
+    def step_seconds(self) -> float:
+        return self.run_seconds / _STEPS.value
     cases: list[dict] = dataclasses.field(default_factory=list)
 
     def finish(self, fault: str, workdir: Path, point: str, processes: int = 1,
@@ -210,20 +215,33 @@ def sigkill_mid_save(sweep: Sweep, index: int) -> None:
     sweep.finish("sigkill_mid_save", workdir, point if killed else "(the run ended first)")
 
 
+def target_step(index: int, cases: int) -> int:
+    """Step 1, ..., steps - 2, evenly spread over the cases."""
+    return 1 + round(index * (_STEPS.value - 3) / max(cases - 1, 1))
+
+
+def signal_during_step(sweep: Sweep, job: Job, workdir: Path, index: int, cases: int, sig: int,
+                       process: int = 0) -> str:
+    """Send `sig` once step k is logged, after a random part of a step's time; says where."""
+    step = target_step(index, cases)
+    delay = sweep.rng.uniform(0, sweep.step_seconds)
+    if not wait_until(job, lambda: logged_steps(workdir) >= step):
+        return "(the run ended first)"
+    time.sleep(delay)
+    if not job.alive():
+        return "(the run ended first)"
+    job.processes[process].send_signal(sig)
+    return f"{delay * 1e3:.0f} ms after step {step} was logged"
+
+
 def sigkill_any_time(sweep: Sweep, index: int, sig: int = signal.SIGKILL,
                      fault: str = "sigkill_any_time") -> None:
     workdir = sweep.workdir(fault, index)
     job = start(workdir, _STEPS.value, sweep.cache)
-    # Spread over the steps: after step 1 is logged, through the last.
-    fraction = (index + 0.5) / _CASES.value
-    wait_until(job, lambda: logged_steps(workdir) >= 1)
-    at = time.monotonic() + fraction * sweep.run_seconds
-    killed = kill_when(job, lambda: time.monotonic() >= at, sig=sig)
+    point = signal_during_step(sweep, job, workdir, index, _CASES.value, sig)
     codes = job.wait()
-    point = (f"{fraction:.0%} into the steps, after step {logged_steps(workdir)} "
-             f"(exit {codes[0]})" if killed else "(the run ended first)")
-    if sig == signal.SIGTERM and killed and codes[0] != 128 + signal.SIGTERM:
-        point += f": expected exit {128 + signal.SIGTERM}"
+    if sig == signal.SIGTERM and "ended first" not in point:
+        point += f", exit {codes[0]}" + (", saved step " + str(checkpoints(workdir)[-1]))
     sweep.finish(fault, workdir, point)
 
 
@@ -279,18 +297,17 @@ def damaged_latest(sweep: Sweep, index: int) -> None:
 def sigterm_one_of_two(sweep: Sweep, index: int) -> None:
     workdir = sweep.workdir("sigterm_one_of_two", index)
     job = start(workdir, _STEPS.value, sweep.cache, processes=2)
-    wait_until(job, lambda: logged_steps(workdir) >= 1)
-    fraction = (index + 0.5) / max(_CASES.value // 2, 1)
-    at = time.monotonic() + fraction * sweep.run_seconds * 2
     process = index % 2
-    killed = kill_when(job, lambda: time.monotonic() >= at, sig=signal.SIGTERM, process=process)
+    point = signal_during_step(sweep, job, workdir, index, max(_CASES.value // 2, 1),
+                               signal.SIGTERM, process)
     codes = job.wait()
     saved = [sorted(p.name for p in (workdir / "checkpoints" / str(s) / "data").glob("*.json"))
              for s in checkpoints(workdir)]
     both = all(names == ["process_0-of-2.json", "process_1-of-2.json"] for names in saved)
-    point = (f"SIGTERM to process {process} {fraction:.0%} into the steps: exits {codes}, "
-             f"{'every save written by both' if both else 'a save missing a process'}"
-             if killed else "(the run ended first)")
+    if "ended first" not in point:
+        point = (f"SIGTERM to process {process} {point}: exits {codes}, saved step "
+                 f"{checkpoints(workdir)[-1]}, "
+                 f"{'every save written by both' if both else 'a save missing a process'}")
     sweep.finish("sigterm_one_of_two", workdir, point, processes=2)
 
 
