@@ -215,7 +215,11 @@ def expand(pattern: str) -> list[str]:
     """The files a file, directory (all files below it) or glob names, in a fixed order."""
     if not is_remote(pattern):
         if os.path.isdir(pattern):
-            return [str(p) for p in sorted(epath.Path(pattern).rglob("*")) if p.is_file()]
+            found = [os.path.join(root, name) for root, _, names in os.walk(pattern)
+                     for name in names]
+            # In the order of their path components (pathlib's order), not of their text.
+            return sorted((f for f in found if os.path.isfile(f)),
+                          key=lambda f: os.path.relpath(f, pattern).split(os.sep))
         return sorted(local_glob.glob(pattern, recursive=True))
     with errors(pattern):
         fs = filesystem(pattern)
