@@ -17,7 +17,7 @@ import contextlib
 import errno
 import glob as local_glob
 import hashlib
-import importlib.util
+import importlib
 import os
 import re
 import shutil
@@ -70,9 +70,11 @@ def path(p: PathLike) -> Path:
         if kind not in _CLIENTS:
             raise ConfigError(f"{text}: lm reads and writes local paths, gs:// and s3://, not "
                               f"{kind}://")
-        if importlib.util.find_spec(_CLIENTS[kind]) is None:
+        try:
+            importlib.import_module(_CLIENTS[kind])
+        except ImportError:
             raise ConfigError(f"{text}: {kind}:// paths need the `{_CLIENTS[kind]}` package: "
-                              f"{INSTALL}")
+                              f"{INSTALL}") from None
     return epath.Path(text)
 
 

@@ -49,21 +49,27 @@ class _EventFiles:
         fs.makedirs(path)
 
 
-def _summary_writer(logdir: str):
-    """tensorboardX's SummaryWriter (no TensorFlow needed), imported without PyTorch: tensorboardX
-    imports torch wherever it is installed, for tensor types lm never passes, and that import was
-    2.4 s of a run's start-up."""
+def import_tensorboardx():
+    """tensorboardX (no TensorFlow needed), imported without PyTorch: tensorboardX imports torch
+    wherever it is installed, for tensor types lm never passes, and that import was 2.4 s of a
+    run's start-up."""
     block = "torch" not in sys.modules
     if block:
         sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows
     try:
-        from tensorboardX import SummaryWriter, record_writer
+        import tensorboardX
+        import tensorboardX.record_writer
     finally:
         if block:
             del sys.modules["torch"]
+    return tensorboardX
+
+
+def _summary_writer(logdir: str):
+    tensorboardX = import_tensorboardx()
     for scheme in ("gs", "s3"):
-        record_writer.register_writer_factory(scheme, _EventFiles())
-    return SummaryWriter(logdir)
+        tensorboardX.record_writer.register_writer_factory(scheme, _EventFiles())
+    return tensorboardX.SummaryWriter(logdir)
 
 
 class MetricsWriter:

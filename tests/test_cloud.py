@@ -7,6 +7,7 @@ clients' own environment variables, exactly as it reaches a real bucket.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from configs import llama_1b
 from trees import assert_trees_close
 
 import lm
-from lm import fs, hf, prepare
+from lm import fs, hf, metrics, prepare
 from lm.config import ConfigError
 from lm.train import train_and_evaluate
 
@@ -49,10 +50,10 @@ def train_command(workdir, data_path: str, **overrides) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The environment of the binaries this module starts (the emulators' variables, which the
-    session fixtures set, included): all share one compilation cache, so the train step that every
-    run here shares compiles once."""
+def env(gcs_server, s3_server, tmp_path_factory):
+    """The environment of the binaries this module starts: both emulators' variables (their
+    session fixtures set them), and one compilation cache, so that the train step every run here
+    shares compiles once."""
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla")),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
@@ -97,7 +98,8 @@ def pod(gcs_server, env, tmp_path_factory):
     data = "gs://my-bucket/corpus/*.txt"
     cache = str(tmp_path_factory.mktemp("shard-cache"))
     local = tmp_path_factory.mktemp("uninterrupted")
-    trained(train_command(local, data, **{"data.shard_cache_dir": cache}), env)
+    trained(train_command(local, data, **{"data.shard_cache_dir": cache,
+                                          "train.checkpoint_every": 1000}), env)
 
     workdir = "gs://my-bucket/runs/llama"
     killed = subprocess.Popen(train_command(workdir, data, **{"data.shard_cache_dir": cache}),
@@ -130,6 +132,7 @@ def test_the_pod_command_on_gs_resumes_after_sigkill_bitwise(pod):
 
 
 def test_tensorboard_events_in_the_bucket_hold_the_logged_losses(pod):
+    metrics.import_tensorboardx()
     from tensorboardX.proto import event_pb2
 
     scalars = {}
@@ -165,9 +168,8 @@ def test_the_eval_binary_scores_and_samples_a_gs_workdir(pod, env):
     assert sample == {"prompt": "alpha ", "text": local}
 
 
-def test_hf_export_of_a_gs_workdir_into_the_bucket_matches_a_local_export(pod, env, tmp_path):
-    trained([sys.executable, "-m", "lm.hf", "export", f"--workdir={pod['workdir']}",
-             "--hf_dir=gs://my-bucket/hf/llama"], env)
+def test_hf_export_of_a_gs_workdir_into_the_bucket_matches_a_local_export(pod, tmp_path):
+    hf.export_checkpoint(pod["workdir"], "gs://my-bucket/hf/llama")
     hf.export_checkpoint(pod["local"], tmp_path)
     for name in ("model.safetensors", "config.json"):
         assert fs.read_bytes(f"gs://my-bucket/hf/llama/{name}") == (tmp_path / name).read_bytes()
@@ -184,9 +186,9 @@ def s3_corpus(s3_server):
 
 def test_training_on_s3_data_prepared_into_s3_resumes_bitwise_reading_shards_by_ranges(
         s3_corpus, pod, env, tmp_path):
-    prepared = "s3://bucket/prepared/words"
-    trained([sys.executable, "-m", "lm.prepare", "--config=configs/llama_1b.py",
-             f"--config.data.path={s3_corpus}", f"--out={prepared}"], env)
+    prepared, data = "s3://bucket/prepared/words", llama_1b.get_config().data
+    data.path = s3_corpus
+    prepare.prepare(data, 0, prepared)
     assert prepare.is_prepared(prepared)
     # Without a cache directory every window is a ranged read of the shard objects.
     stream = prepare.load(prepared).train
@@ -194,10 +196,9 @@ def test_training_on_s3_data_prepared_into_s3_resumes_bitwise_reading_shards_by_
     local = prepare.load(fs.path(pod["local"]) / "data").train  # the same corpus, from gs://
     assert np.array_equal(stream.window(100, 5000)["tokens"], local.window(100, 5000)["tokens"])
 
-    workdir = tmp_path / "run"
-    trained(train_command(workdir, prepared, **{"train.steps": 12, "data.shard_cache_dir": ""}),
-            env)
-    rerun = trained(train_command(workdir, prepared, **{"data.shard_cache_dir": ""}), env)
+    workdir, ranged = tmp_path / "run", {"data.shard_cache_dir": "", "train.checkpoint_every": 12}
+    trained(train_command(workdir, prepared, **ranged, **{"train.steps": 12}), env)
+    rerun = trained(train_command(workdir, prepared, **ranged), env)
     assert resumed_from(rerun) == 12
     assert [losses(workdir)[s] for s in range(13, 25)] == [
         losses(pod["local"])[s] for s in range(13, 25)]
@@ -210,11 +211,12 @@ def test_training_on_s3_data_prepared_into_s3_resumes_bitwise_reading_shards_by_
 
 
 def test_an_s3_workdir_is_refused_before_any_work_because_orbax_cannot_checkpoint_there(
-        s3_corpus, env):
-    result = run(train_command("s3://bucket/run", s3_corpus), env)
-    assert result.returncode == 1
-    assert last_line(result).startswith("error: s3://bucket/run: orbax cannot write or read "
-                                        "checkpoints at s3:// paths")
+        s3_corpus):
+    config = llama_1b.get_config()
+    config.data.path = s3_corpus
+    with pytest.raises(ConfigError, match="^s3://bucket/run: orbax cannot write or read "
+                                          "checkpoints at s3:// paths"):
+        train_and_evaluate(config, "s3://bucket/run")
     assert not fs.exists("s3://bucket/run")
     with pytest.raises(ConfigError, match="orbax cannot"):
         lm.load("s3://bucket/run")
@@ -247,6 +249,15 @@ def test_a_bucket_that_does_not_exist_is_one_line_and_a_non_zero_exit(gcs_server
         prepare.prepare(data, 0, "unused")
 
 
+@pytest.mark.parametrize("scheme, package", [("gs", "gcsfs"), ("s3", "s3fs")])
+def test_a_bucket_path_without_its_client_installed_says_how_to_install_it(
+        monkeypatch, scheme, package):
+    monkeypatch.setitem(sys.modules, package, None)  # `import gcsfs` now raises ImportError
+    with pytest.raises(ConfigError, match=f"^{scheme}://b/run: {scheme}:// paths need the "
+                                          f"`{package}` package: pip install -e \".\\[cloud\\]\"$"):
+        fs.makedirs(f"{scheme}://b/run")
+
+
 @pytest.mark.parametrize("where", ["gs", "local"])
 def test_a_workdir_that_is_a_file_is_refused_and_left_alone(gcs_server, tmp_path, where):
     workdir = "gs://bucket/a-file" if where == "gs" else str(tmp_path / "a-file")
@@ -257,20 +268,17 @@ def test_a_workdir_that_is_a_file_is_refused_and_left_alone(gcs_server, tmp_path
     assert fs.read_text(workdir) == "keep me"
 
 
-def test_a_full_disk_stops_the_run_with_one_line_and_keeps_its_checkpoints(env, tmp_path):
-    corpus = tmp_path / "words.txt"
-    corpus.write_text(corpus_text())
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_its_checkpoints(pod, env, tmp_path):
     workdir = tmp_path / "run"
-    trained(train_command(workdir, corpus, **{"train.steps": 3}), env)
-    before = losses(workdir)
+    shutil.copytree(pod["local"], workdir)
+    before = checkpoint_steps(workdir)
     (workdir / "metrics.jsonl").rename(tmp_path / "metrics.jsonl")
     (workdir / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
-    full = run(train_command(workdir, corpus, **{"train.steps": 6}), env)
+    full = run(train_command(workdir, pod["data"], **{"train.steps": 25}), env)
     assert full.returncode == 1
     assert last_line(full) == (f"error: {workdir / 'metrics.jsonl'}: no space left on the "
                                f"device; free space or write elsewhere (what was written before "
                                f"is intact)")
-    assert checkpoint_steps(workdir) == [3]
-    assert losses(tmp_path) == before
-    (workdir / "metrics.jsonl").unlink()
-    assert resumed_from(trained(train_command(workdir, corpus, **{"train.steps": 4}), env)) == 3
+    assert "resumed from step 24" in full.stdout
+    assert checkpoint_steps(workdir) == before
+    assert_trees_close(params(workdir), params(pod["local"]))
