@@ -12,9 +12,9 @@ any mesh, each device reading only its own shard.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import grain
@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from ml_collections import ConfigDict
 
-from lm import agreement
+from lm import agreement, fs
 from lm.config import ConfigError
 from lm.metrics import console
 from lm.step import TrainState
@@ -72,12 +72,13 @@ class Checkpointer:
     tried this many times, waiting backoff_seconds, then twice that, ..., before the run fails.
     """
 
-    def __init__(self, directory: str | Path, train: ConfigDict, attempts: int = 5,
+    def __init__(self, directory: str | os.PathLike, train: ConfigDict, attempts: int = 5,
                  backoff_seconds: float = 2.0):
         keep = [policies.LatestN(train.keep_checkpoints)]
         if train.keep_every:
             keep.append(policies.EveryNSteps(train.keep_every))
-        self.directory = Path(directory).resolve()
+        check_directory(directory)
+        self.directory = fs.absolute(directory)
         self._every = train.checkpoint_every
         self._attempts, self._backoff = attempts, backoff_seconds
         self._handler = ocp.StandardCheckpointHandler()
@@ -177,7 +178,7 @@ class Checkpointer:
                  and (self.directory / str(s) / "opt_state").exists()]
         return steps[-1] if steps else -1
 
-    def _read(self, path: Path, abstract_state: TrainState, with_data: bool
+    def _read(self, path: fs.Path, abstract_state: TrainState, with_data: bool
               ) -> tuple[TrainState, Any]:
         """(this process's part of the state, its data-iterator state if `with_data`)."""
         for name, abstract in (("params", abstract_state.params),
@@ -195,7 +196,7 @@ class Checkpointer:
         return TrainState(step=int(path.name), params=params, opt_state=opt_state), data_state
 
     @staticmethod
-    def _read_data_state(path: Path) -> Any:
+    def _read_data_state(path: fs.Path) -> Any:
         """This process's data-iterator state; process 0's when the checkpoint was written by
         another number of processes. Every process's iterator yields its rows of global batch k at
         its k-th step, so its state (the count of batches taken) is the same in any layout."""
@@ -276,7 +277,7 @@ def fingerprints(trees: dict[str, Any]) -> dict[str, list[int]]:
             for name, tree in trees.items()}
 
 
-def _verify(path: Path, trees: dict[str, Any]) -> None:
+def _verify(path: fs.Path, trees: dict[str, Any]) -> None:
     """Raise Damaged when the arrays differ from the fingerprint saved with them (checkpoints
     written before fingerprints, and imports, have none to compare with)."""
     actual = fingerprints(trees)  # first, on every process: a computation over all of them
@@ -296,16 +297,27 @@ def _warn(message: str) -> None:
     print(f"{prefix}warning: {message}", file=sys.stderr, flush=True)
 
 
-def restore_params(path: str | Path, abstract_params: Any) -> Any:
+def check_directory(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a place orbax cannot checkpoint to: orbax writes arrays through
+    tensorstore, and builds tensorstore's path for gs:// and local paths only (an s3:// path is
+    collapsed to `s3:/...` and rejected as relative, orbax 0.12.8)."""
+    if fs.is_remote(path) and fs.scheme(path) != "gs":
+        raise ConfigError(f"{os.fspath(path)}: orbax cannot write or read checkpoints at "
+                          f"{fs.scheme(path)}:// paths (it supports gs:// and local paths); use a "
+                          f"gs:// or local --workdir (data, tokenizers and exports may stay there)")
+
+
+def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
     """Only the parameters of a checkpoint, for fine-tuning or evaluation.
 
     `path` is a workdir (its latest checkpoint), a `checkpoints/` directory, or one step's directory.
     """
-    path = Path(path).resolve()
-    if (path / "checkpoints").is_dir():
+    check_directory(path)
+    path = fs.absolute(path)
+    if fs.is_dir(path / "checkpoints"):
         path = path / "checkpoints"
-    if not (path / "params").is_dir():
-        steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()), reverse=True)
+    if not fs.is_dir(path / "params"):
+        steps = sorted((int(p.name) for p in fs.listdir(path) if p.name.isdigit()), reverse=True)
         if not steps:
             raise ConfigError(f"{path}: no checkpoint found; pass a workdir with checkpoints or a "
                               f"checkpoint step directory")
@@ -337,7 +349,7 @@ def _leaves(tree: Any) -> dict[str, Any]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _check_tree(stored: Any, wanted: Any, path: Path, what: str) -> None:
+def _check_tree(stored: Any, wanted: Any, path: fs.Path, what: str) -> None:
     """Refuse a checkpoint item whose leaves or shapes differ from those this run expects."""
     flat_stored, flat_wanted = _leaves(stored), _leaves(wanted)
     problems = [f"{k} missing" for k in flat_wanted if k not in flat_stored]

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import struct
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 from ml_collections import ConfigDict
 
+from lm import fs
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, default_config
 from lm.model import ModelConfig
@@ -48,11 +49,11 @@ def _safetensors():
     return safetensors
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: fs.Path, what: str) -> dict:
+    if not fs.is_file(path):
+        raise ConfigError(f"{path} does not exist; {what}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist; {what}") from None
+        return json.loads(fs.read_text(path))
     except ValueError as e:
         raise ConfigError(f"{path} is not valid JSON ({e})") from None
 
@@ -323,16 +324,16 @@ def param_shapes(cfg: ModelConfig) -> Any:
 class _Tensor:
     name: str
     shape: tuple[int, ...]
-    file: Path
+    file: fs.Path
     load: Callable[[], np.ndarray]
 
 
-def _weight_files(hf_dir: Path) -> list[Path]:
+def _weight_files(hf_dir: fs.Path) -> list[fs.Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = hf_dir / index_name
-        if index.is_file():
+        if fs.is_file(index):
             files = sorted(set(_read_json(index, "").get("weight_map", {}).values()))
-            missing = [f for f in files if not (hf_dir / f).is_file()]
+            missing = [f for f in files if not fs.is_file(hf_dir / f)]
             if missing:
                 raise ConfigError(f"{index} names {missing[0]}, which does not exist "
                                   f"({len(missing)} of {len(files)} shards missing)")
@@ -340,49 +341,56 @@ def _weight_files(hf_dir: Path) -> list[Path]:
                 raise ConfigError(f"{index} has no weight_map")
             return [hf_dir / f for f in files]
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if (hf_dir / name).is_file():
+        if fs.is_file(hf_dir / name):
             return [hf_dir / name]
     raise ConfigError(f"{hf_dir} has no weights: expected model.safetensors, "
                       f"model.safetensors.index.json (sharded) or pytorch_model.bin")
 
 
-def _tensors(files: list[Path]) -> Iterator[_Tensor]:
-    for file in files:
-        if file.suffix == ".safetensors":
-            _safetensors()
-            from safetensors import safe_open
+def _tensors(files: list[fs.Path]) -> Iterator[_Tensor]:
+    """Each file's tensors; a file in a bucket is read from a temporary local copy, one file at a
+    time (safetensors and torch memory-map local files)."""
+    for remote in files:
+        with fs.local_file(remote) as local:
+            yield from _file_tensors(remote, local)
 
-            try:
-                handle = safe_open(str(file), framework="numpy")
+
+def _file_tensors(file: fs.Path, local: str) -> Iterator[_Tensor]:
+    if file.suffix == ".safetensors":
+        _safetensors()
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(local, framework="numpy")
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{file} is not a readable safetensors file ({reason})") from None
+        with handle as f:
+            for name in f.keys():
+                yield _Tensor(name, tuple(f.get_slice(name).get_shape()), file,
+                              lambda f=f, name=name: f.get_tensor(name))
+    else:
+        try:
+            import torch
+        except ImportError:
+            raise ConfigError(f"{file} is a PyTorch pickle: reading it needs torch (pip install "
+                              f"torch), or convert the checkpoint to safetensors") from None
+        try:  # memory-mapped, so tensors are read as they are converted
+            state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            try:  # the pre-zip format cannot be memory-mapped
+                state = torch.load(local, map_location="cpu", weights_only=True)
             except Exception as e:
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise ConfigError(f"{file} is not a readable safetensors file ({reason})") from None
-            with handle as f:
-                for name in f.keys():
-                    yield _Tensor(name, tuple(f.get_slice(name).get_shape()), file,
-                                  lambda f=f, name=name: f.get_tensor(name))
-        else:
-            try:
-                import torch
-            except ImportError:
-                raise ConfigError(f"{file} is a PyTorch pickle: reading it needs torch (pip install "
-                                  f"torch), or convert the checkpoint to safetensors") from None
-            try:  # memory-mapped, so tensors are read as they are converted
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception:
-                try:  # the pre-zip format cannot be memory-mapped
-                    state = torch.load(file, map_location="cpu", weights_only=True)
-                except Exception as e:
-                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    raise ConfigError(f"{file} cannot be read by torch.load ({reason})") from None
-            for name, tensor in state.items():
-                yield _Tensor(name, tuple(tensor.shape), file,
-                              lambda t=tensor: t.float().numpy() if t.dtype == torch.bfloat16
-                              else t.numpy())
-            del state
+                raise ConfigError(f"{file} cannot be read by torch.load ({reason})") from None
+        for name, tensor in state.items():
+            yield _Tensor(name, tuple(tensor.shape), file,
+                          lambda t=tensor: t.float().numpy() if t.dtype == torch.bfloat16
+                          else t.numpy())
+        del state
 
 
-def _read_params(hf_dir: Path, arch: str, cfg: ModelConfig) -> Any:
+def _read_params(hf_dir: fs.Path, arch: str, cfg: ModelConfig) -> Any:
     shapes = param_shapes(cfg)
     import jax
 
@@ -418,14 +426,14 @@ def _read_params(hf_dir: Path, arch: str, cfg: ModelConfig) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Import.
 
-def _import_tokenizer(hf_dir: Path, source: str | Path | None) -> Any:
+def _import_tokenizer(hf_dir: fs.Path, source: str | os.PathLike | None) -> Any:
     """The HF folder's tokenizer (tokenizer.json first, else a sentencepiece tokenizer.model), or
     `source`'s; None when there is none."""
-    path = Path(source) if source else hf_dir
-    if path.is_dir():
-        if (path / "tokenizer.json").is_file():
+    path = fs.path(source) if source else hf_dir
+    if fs.is_dir(path):
+        if fs.is_file(path / "tokenizer.json"):
             return tokenizers.HuggingFaceTokenizer.from_pretrained(path)
-        if (path / "tokenizer.model").is_file():
+        if fs.is_file(path / "tokenizer.model"):
             return tokenizers.SentencePieceTokenizer.from_file(path / "tokenizer.model")
         if source:
             raise ConfigError(f"--tokenizer={source} holds no tokenizer.json or tokenizer.model")
@@ -435,14 +443,18 @@ def _import_tokenizer(hf_dir: Path, source: str | Path | None) -> Any:
     return tokenizers.load(path)
 
 
-def import_checkpoint(hf_dir: str | Path, workdir: str | Path, *,
-                      tokenizer: str | Path | None = None, scan_layers: bool = True) -> ConfigDict:
+def import_checkpoint(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *,
+                      tokenizer: str | os.PathLike | None = None, scan_layers: bool = True
+                      ) -> ConfigDict:
     """Convert a transformers GPT-2 or LLaMA folder into an lm workdir; returns its run config.
 
     `tokenizer` (a tokenizer.json, a folder, or a sentencepiece .model) replaces the folder's own.
     """
-    hf_dir, workdir = Path(hf_dir), Path(workdir)
-    if not hf_dir.is_dir():
+    from lm import checkpoint
+
+    checkpoint.check_directory(workdir)
+    hf_dir, workdir = fs.path(hf_dir), fs.path(workdir)
+    if not fs.is_dir(hf_dir):
         raise ConfigError(f"--hf_dir={hf_dir} is not a directory")
     hf = _read_json(hf_dir / "config.json",
                     "pass a folder written by transformers' save_pretrained")
@@ -452,7 +464,7 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path, *,
     except KeyError as e:
         raise ConfigError(f"{hf_dir / 'config.json'}: {arch} config lacks {e.args[0]!r}") from None
     checkpoints = workdir / "checkpoints"
-    if checkpoints.exists() and any(checkpoints.iterdir()):
+    if fs.listdir(checkpoints):
         raise ConfigError(f"{workdir} already has checkpoints; import into a new --workdir")
 
     config = default_config()
@@ -465,18 +477,18 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path, *,
                           f"{cfg.vocab_size}; pass the model's own tokenizer")
     params = _read_params(hf_dir, arch, cfg)
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(workdir)
     if tok is not None:
         tokenizers.save(tok, workdir / "tokenizer.json")
-        config.data.tokenizer = str((workdir / "tokenizer.json").resolve())
+        config.data.tokenizer = os.fspath(fs.absolute(workdir / "tokenizer.json"))
     else:
         config.data.tokenizer = ""  # a run must name one: --config.data.tokenizer=...
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    fs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     _save_params(params, checkpoints)
     return config
 
 
-def _save_params(params: Any, checkpoints: Path, step: int = 0) -> None:
+def _save_params(params: Any, checkpoints: fs.Path, step: int = 0) -> None:
     """`checkpoints/<step>/params`, written as a run's checkpoint manager writes it (without the
     optimizer and data state, which a run's resume passes over)."""
     import jax
@@ -486,7 +498,7 @@ def _save_params(params: Any, checkpoints: Path, step: int = 0) -> None:
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)
     try:
-        with ocp.CheckpointManager(checkpoints.resolve()) as manager:
+        with fs.errors(checkpoints), ocp.CheckpointManager(fs.absolute(checkpoints)) as manager:
             # As host jax arrays (on CPU they share the numpy buffers): orbax writes them ~3x faster.
             params = jax.device_put(params, jax.devices("cpu")[0])
             manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
@@ -498,9 +510,9 @@ def _save_params(params: Any, checkpoints: Path, step: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------
 # Export.
 
-def load_run_config(workdir: str | Path) -> ConfigDict:
+def load_run_config(workdir: str | os.PathLike) -> ConfigDict:
     """A workdir's config.json over today's defaults (fields it lacks keep their defaults)."""
-    saved = _read_json(Path(workdir) / "config.json", "pass a workdir that lm.train or "
+    saved = _read_json(fs.path(workdir) / "config.json", "pass a workdir that lm.train or "
                        "lm.hf import wrote")
     config = default_config()
 
@@ -526,7 +538,7 @@ def _run_model_config(config: ConfigDict, tok: Any) -> ModelConfig:
 _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
-def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.dtype,
+def _write_safetensors(path: fs.Path, entries: list[tuple[str, tuple[int, ...], np.dtype,
                                                         Callable[[], np.ndarray]]]) -> None:
     """safetensors, written one tensor at a time: (name, shape, dtype, make) for each."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -537,7 +549,7 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
+    with fs.errors(path), path.open("wb") as f:  # streamed in parts to a bucket
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for name, shape, dtype, make in entries:
@@ -547,19 +559,20 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.
             f.write(array.reshape(-1).view(np.uint8))
 
 
-def export_checkpoint(workdir: str | Path, hf_dir: str | Path, step: int | None = None) -> str:
+def export_checkpoint(workdir: str | os.PathLike, hf_dir: str | os.PathLike,
+                      step: int | None = None) -> str:
     """Write a workdir's checkpoint (the latest, or `step`) as a transformers folder that
     `AutoModelForCausalLM.from_pretrained(hf_dir)` loads; returns the architecture's name."""
     from lm import checkpoint
 
-    workdir, hf_dir = Path(workdir), Path(hf_dir)
+    workdir, hf_dir = fs.path(workdir), fs.path(hf_dir)
     config = load_run_config(workdir)
     tok = (tokenizers.load(workdir / "tokenizer.json")
-           if (workdir / "tokenizer.json").is_file() else None)
+           if fs.is_file(workdir / "tokenizer.json") else None)
     cfg = _run_model_config(config, tok)
     arch = _export_architecture(cfg)
     source = workdir if step is None else workdir / "checkpoints" / str(step)
-    if step is not None and not source.is_dir():
+    if step is not None and not fs.is_dir(source):
         raise ConfigError(f"{source} does not exist; --step must name a saved checkpoint")
     # Onto one host device, whatever mesh the run saved from.
     import jax
@@ -576,27 +589,27 @@ def export_checkpoint(workdir: str | Path, hf_dir: str | Path, step: int | None 
             make = (lambda rule=rule, layer=layer:
                     rule.to_hf(*(params.get(p, layer) for p in rule.lm)))
             entries.append((rule.hf.format(i=layer), rule.hf_shape, dtype, make))
-    hf_dir.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(hf_dir)
     _write_safetensors(hf_dir / "model.safetensors", entries)
     hf = _hf_config(cfg, arch, tok)
     hf["dtype"] = dtype.name
-    (hf_dir / "config.json").write_text(json.dumps(hf, indent=2))
+    fs.write_text(hf_dir / "config.json", json.dumps(hf, indent=2))
     generation = {k: v for k, v in hf.items() if k.endswith("_token_id") and v is not None}
     if "eos_token_id" in generation:
-        (hf_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        fs.write_text(hf_dir / "generation_config.json", json.dumps(generation, indent=2))
     _export_tokenizer(tok, cfg, hf_dir)
     return arch
 
 
-def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: Path) -> None:
+def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: fs.Path) -> None:
     if isinstance(tok, tokenizers.HuggingFaceTokenizer):
-        (hf_dir / "tokenizer.json").write_text(tok.spec, encoding="utf-8")
+        fs.write_text(hf_dir / "tokenizer.json", tok.spec)
         tokens = {f"{key}_token": tok.id_to_token(getattr(tok, f"{key}_id"))
                   for key in ("bos", "eos", "pad") if getattr(tok, f"{key}_id") >= 0}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens,
                   "model_max_length": cfg.context_length}
     elif isinstance(tok, tokenizers.SentencePieceTokenizer):
-        (hf_dir / "tokenizer.model").write_bytes(tok.model_proto)
+        fs.write_bytes(hf_dir / "tokenizer.model", tok.model_proto)
         sp = tok._sp
         tokens = {f"{key}_token": sp.id_to_piece(getattr(tok, f"{key}_id"))
                   for key in ("bos", "eos", "pad") if getattr(tok, f"{key}_id") >= 0}
@@ -609,7 +622,7 @@ def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: Path) -> None:
                   "model_max_length": cfg.context_length}
     else:
         return
-    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    fs.write_text(hf_dir / "tokenizer_config.json", json.dumps(config, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +655,7 @@ def main(argv: list[str]) -> None:
             if not config.data.tokenizer:
                 print(f"warning: {f.hf_dir} has no tokenizer.json or tokenizer.model; pass "
                       f"--tokenizer=PATH, or set --config.data.tokenizer when training")
-            elif tokenizers.load(Path(f.workdir) / "tokenizer.json").eos_id < 0:
+            elif tokenizers.load(fs.path(f.workdir) / "tokenizer.json").eos_id < 0:
                 print("warning: the tokenizer names no end-of-text token (its tokenizer_config.json "
                       "has no eos_token), which lm's training data needs between documents")
         else:
@@ -651,6 +664,8 @@ def main(argv: list[str]) -> None:
                   f"{time.perf_counter() - start:.1f}s")
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # filesystem trouble outside the paths lm checks itself
+        sys.exit(f"error: {fs.explain(e, e.filename or f.workdir)}")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,15 @@ Train a sentencepiece model from the shell:
 from __future__ import annotations
 
 import base64
-import glob
 import json
+import os
 import sys
-from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from lm import fs
 from lm.config import ConfigError
 
 EOS = "<eos>"
@@ -108,11 +108,11 @@ class SentencePieceTokenizer:
         self.eos_id, self.bos_id, self.pad_id = self._sp.eos_id(), self._sp.bos_id(), self._sp.pad_id()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> SentencePieceTokenizer:
-        if not Path(path).is_file():
+    def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+        if not fs.is_file(path):
             raise ConfigError(f"sentencepiece model {path} does not exist; train one with "
                               f"`python -m lm.tokenizer` or use config.data.tokenizer=train:N")
-        return cls(Path(path).read_bytes())
+        return cls(fs.read_bytes(path))
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), dtype=np.int32)
@@ -163,15 +163,15 @@ class HuggingFaceTokenizer:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> HuggingFaceTokenizer:
+    def from_pretrained(cls, path: str | os.PathLike) -> HuggingFaceTokenizer:
         """A tokenizer.json file, or a directory holding one; its special tokens come from the
         tokenizer_config.json, special_tokens_map.json, generation_config.json or config.json beside
         it (the first that names each), else from well-known end-of-text token names."""
-        path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
+        path = fs.path(path)
+        file = path / "tokenizer.json" if fs.is_dir(path) else path
+        if not fs.is_file(file):
             raise ConfigError(f"{file} does not exist")
-        spec = file.read_text(encoding="utf-8")
+        spec = fs.read_text(file)
         try:
             tokenizer = cls(spec)
         except Exception as e:  # the tokenizers library's parse error
@@ -208,12 +208,14 @@ class HuggingFaceTokenizer:
                 "eos_id": self.eos_id, "pad_id": self.pad_id}
 
 
-def _special_ids(directory: Path, tok, vocab_size: int) -> dict[str, int]:
+def _special_ids(directory: fs.Path, tok, vocab_size: int) -> dict[str, int]:
     """bos/eos/pad ids named by the HuggingFace files in `directory`, first file first."""
     def read(name: str) -> dict:
+        if not fs.is_file(directory / name):
+            return {}
         try:
-            return json.loads((directory / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            return json.loads(fs.read_text(directory / name))
+        except ValueError:
             return {}
 
     ids: dict[str, int] = {}
@@ -297,17 +299,16 @@ def from_json(spec: dict) -> Tokenizer:
     return CharTokenizer(spec["chars"]) if spec["type"] == "char" else ByteTokenizer()
 
 
-def save(tokenizer: Tokenizer, path: Path) -> None:
-    Path(path).write_text(json.dumps(tokenizer.to_json(), ensure_ascii=False))
+def save(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+    fs.write_text(path, json.dumps(tokenizer.to_json(), ensure_ascii=False))
 
 
-def load(path: str | Path) -> Tokenizer:
+def load(path: str | os.PathLike) -> Tokenizer:
     """An lm tokenizer.json; a HuggingFace tokenizer.json (no "type" field) is wrapped as is."""
-    path = Path(path)
-    if not path.is_file():
+    if not fs.is_file(path):
         raise ConfigError(f"tokenizer {path} does not exist")
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec = json.loads(fs.read_text(path))
     except ValueError as e:
         raise ConfigError(f"tokenizer {path} is not JSON ({e})") from None
     if isinstance(spec, dict) and "type" not in spec and "model" in spec:
@@ -319,20 +320,20 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     f = flags.FLAGS
-    files = sorted(p for pattern in f.input for p in glob.glob(pattern, recursive=True))
-    if not files:
-        sys.exit(f"error: --input={','.join(f.input)} matches no files")
-    texts = (Path(p).read_text(encoding="utf-8", errors="replace") for p in files)
-    print(f"training a {f.model_type} model of {f.vocab_size} pieces on {len(files)} files "
-          f"(at most {f.max_sentences:,} lines, sampled)", flush=True)
     try:
+        files = sorted(p for pattern in f.input for p in fs.expand(pattern))
+        if not files:
+            raise ConfigError(f"--input={','.join(f.input)} matches no files")
+        texts = (fs.read_bytes(p).decode("utf-8", errors="replace") for p in files)
+        print(f"training a {f.model_type} model of {f.vocab_size} pieces on {len(files)} files "
+              f"(at most {f.max_sentences:,} lines, sampled)", flush=True)
         tokenizer = train_sentencepiece(texts, f.vocab_size, f.model_type, f.character_coverage,
                                         f.user_defined_symbols, f.max_sentences, verbose=True)
+        out = fs.path(f.model_prefix + ".model")
+        fs.makedirs(out.parent)
+        fs.write_bytes(out, tokenizer.model_proto)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    out = Path(f.model_prefix + ".model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(tokenizer.model_proto)
     print(f"wrote {out}: vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos "
           f"{tokenizer.eos_id}, pad {tokenizer.pad_id}; use it with "
           f"--config.data.tokenizer={out}")

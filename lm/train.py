@@ -13,6 +13,7 @@ if __name__ == "__main__":  # before the imports below, which a restart would pa
 
 import json
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -22,8 +23,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import agreement, checkpoint, compilation_cache, data, distributed, flops, optim, prepare
-from lm import sampling, sharding, step
+from lm import agreement, checkpoint, compilation_cache, data, distributed, flops, fs, optim
+from lm import prepare, sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
@@ -87,13 +88,13 @@ def _what_must_stay(key: str) -> _Rule | None:
     return None
 
 
-def check_resumable(config: ConfigDict, workdir: Path) -> None:
+def check_resumable(config: ConfigDict, workdir: fs.PathLike) -> None:
     """Refuse, before anything is restored, a config that changes what the workdir's checkpoints
     mean or the structure of their state; log harmless changes."""
-    saved = Path(workdir) / "config.json"
-    if not saved.exists():
+    saved = fs.path(workdir) / "config.json"
+    if not fs.exists(saved):
         return
-    old, new = _flatten(json.loads(saved.read_text())), _flatten(json.loads(config.to_json()))
+    old, new = _flatten(json.loads(fs.read_text(saved))), _flatten(json.loads(config.to_json()))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     frozen = [(k, rule[1]) for k in changed
               if (rule := _what_must_stay(k)) and rule[0](old.get(k)) != rule[0](new.get(k))]
@@ -131,17 +132,18 @@ def _restore_or_init(steps: step.CompiledSteps, checkpointer: checkpoint.Checkpo
     return state
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
+def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Train `config` into `workdir`, resuming from its latest checkpoint if it has one.
 
     Returns the final train loss (None if no step ran), val loss and the unigram baseline.
     """
     validate(config)
-    workdir = Path(workdir)
+    checkpoint.check_directory(workdir)
+    workdir = fs.makedirs(workdir)
     check_resumable(config, workdir)
     saved_tokenizer = workdir / "tokenizer.json"
     prepared = prepare.prepared_data(config.data, config.seed, workdir, tokenizers.load(
-        saved_tokenizer) if saved_tokenizer.exists() else None)
+        saved_tokenizer) if fs.exists(saved_tokenizer) else None)
     mesh = sharding.make_mesh(config)
     cfg = ModelConfig.for_run(config, prepared.tokenizer.vocab_size, mesh.shape["tensor"])
     t = config.train
@@ -156,10 +158,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
                                  segment_eos=segment_eos)
     periodic_val = val_batches(final=False)
 
-    workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        if not (workdir / "config.json").exists():
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if not fs.exists(workdir / "config.json"):
+            fs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
         tokenizers.save(prepared.tokenizer, saved_tokenizer)
 
     model = Transformer(cfg)
@@ -250,6 +251,8 @@ def main(argv: list[str]) -> None:
             train_and_evaluate(load_config_flag(_CONFIG), _WORKDIR.value)
     except (ConfigError, FloatingPointError, checkpoint.RestoreFailed) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # filesystem trouble outside the paths lm checks itself
+        sys.exit(f"error: {fs.explain(e, e.filename or _WORKDIR.value)}")
     except Preempted as e:
         console(str(e))
         sys.exit(128 + signal.SIGTERM)
