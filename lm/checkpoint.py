@@ -36,6 +36,7 @@ policies = ocp.checkpoint_managers
 # highest decides for all: a structure that does not match is refused; an error that may pass is
 # retried; a checkpoint that some process found damaged is passed over by every process.
 _READ, _DAMAGED, _FAILED, _MISMATCH = range(4)
+_NO_STEP, _UNLISTED = -1, -2  # process 0 found no checkpoint; could not list them
 # The first word of a TensorStore error (an absl status code) when stored bytes cannot be what was
 # written: truncated, garbled or missing from a checkpoint that orbax had finalized.
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
@@ -119,8 +120,11 @@ class Checkpointer:
         `train.init_from` to load.
         """
         below, failures = None, 0
-        while (step := agreement.broadcast(self._newest_run_step(below))) >= 0:
-            outcomes, state, data_state, reason = self._agreed_read(step, abstract_state, data_iter)
+        while (step := self._agreed_step(below)) != _NO_STEP:
+            outcomes, state, data_state, reason = [_FAILED], None, None, ""
+            if step != _UNLISTED:
+                outcomes, state, data_state, reason = self._agreed_read(step, abstract_state,
+                                                                        data_iter)
             if max(outcomes) == _READ:
                 self._manager.reload()  # after the last agreement: process 0 renamed what it set aside
                 if data_iter is not None:
@@ -137,9 +141,23 @@ class Checkpointer:
                 below, failures = step, 0
                 continue
             failures += 1
-            self._wait_to_retry(step, failures, reason)
+            self._wait_to_retry(self.directory / str(step) if step >= 0 else self.directory,
+                                failures, reason)
         self._manager.reload()
         return None
+
+    def _agreed_step(self, below: int | None) -> int:
+        """Process 0's pick, on every process: the newest step below `below` with optimizer state,
+        _NO_STEP, or _UNLISTED when process 0 could not list the steps."""
+        step = _NO_STEP
+        if jax.process_index() == 0:
+            steps, _, reason = _attempt(lambda: [
+                s for s in self.steps() if (below is None or s < below)
+                and (self.directory / str(s) / "opt_state").exists()])
+            if reason:
+                _warn(f"cannot list the checkpoints in {self.directory}: {reason}")
+            step = _UNLISTED if steps is None else (steps[-1] if steps else _NO_STEP)
+        return agreement.broadcast(step)
 
     def _agreed_read(self, step: int, abstract_state: TrainState, data_iter: Any
                      ) -> tuple[list[int], TrainState | None, Any, str]:
@@ -158,25 +176,17 @@ class Checkpointer:
             _warn(f"checkpoint {path}: {reason}")
         return outcomes, state, data_state, reason
 
-    def _wait_to_retry(self, step: int, failures: int, reason: str) -> None:
+    def _wait_to_retry(self, what: fs.Path, failures: int, reason: str) -> None:
+        """Wait before another attempt to read `what`, or raise RestoreFailed after the last."""
         if failures == self._attempts:
+            reason = reason or "see the other processes"
             raise RestoreFailed(
-                f"cannot read checkpoint {self.directory / str(step)} after {failures} attempts "
-                f"({reason or 'see the other processes'}); it is left as it is: rerun once the "
-                f"storage reads again, or move it aside yourself to resume from an earlier one")
+                f"cannot read {what} after {failures} attempts ({reason}); every checkpoint is "
+                f"left as it is: rerun once the storage reads again, or move a damaged step aside "
+                f"yourself to resume from an earlier one")
         wait = self._backoff * 2 ** (failures - 1)
-        console(f"retrying checkpoint {step} in {wait:g} s (attempt {failures + 1} of "
-                f"{self._attempts})")
+        console(f"retrying {what} in {wait:g} s (attempt {failures + 1} of {self._attempts})")
         time.sleep(wait)
-
-    def _newest_run_step(self, below: int | None) -> int:
-        """On process 0 (the others' answer is not used): the newest step with optimizer state
-        below `below`, or -1."""
-        if jax.process_index() != 0:
-            return -1
-        steps = [s for s in self.steps() if (below is None or s < below)
-                 and (self.directory / str(s) / "opt_state").exists()]
-        return steps[-1] if steps else -1
 
     def _read(self, path: fs.Path, abstract_state: TrainState, with_data: bool
               ) -> tuple[TrainState, Any]:
