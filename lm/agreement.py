@@ -2,8 +2,8 @@
 
 A decision that differs between processes (one saves step 7, another step 8; one restores step 20,
 another falls back to step 10) hangs the job in its next collective or silently splits the run in
-two. So a decision is taken once, by process 0 (or from every process's report, gathered to all), and
-followed by all. In a single process all of this is local and costs nothing.
+two. So a decision is taken once, by process 0 (or from every process's report, gathered to
+all), and followed by all. In a single process all of this is local and costs nothing.
 
 - Preemption: SIGTERM may reach the hosts a step or more apart. Multi-process, JAX's preemption
   service (`jax.distributed` installs its SIGTERM handler) agrees on the step after the latest any
@@ -67,35 +67,34 @@ class _Process0Clock:
         self._sharding = NamedSharding(mesh, P("devices"))
         self._max = jax.jit(lambda x: x.max(axis=0), out_shardings=NamedSharding(mesh, P()))
         self._interval, self._last_save = interval_seconds, time.monotonic()
-        self._pending, self._next, self._step_seconds, self._last_call = None, None, 0.0, None
+        self._pending, self._next, self._last_exchange = None, None, None
 
     def saved(self) -> None:
         self._last_save = time.monotonic()
 
     def due(self, step: int) -> bool:
         """Whether every process saves at `step`; call it at every step, on every process."""
-        now = time.monotonic()
-        if self._last_call is not None:  # a running mean of the time a step takes
-            took = now - self._last_call
-            self._step_seconds = 0.9 * self._step_seconds + 0.1 * took if self._step_seconds \
-                else took
-        self._last_call = now
         save = False
         if self._pending is not None:  # dispatched at the previous step, which is done
             save, gap = (int(v) for v in np.asarray(self._pending))
             self._pending, self._next = None, step - 1 + gap
         if self._next is None or step == self._next:
-            self._pending = self._exchange(self._payload())
+            self._pending = self._exchange(self._payload(step))
         return bool(save)
 
-    def _payload(self) -> tuple[int, int]:
+    def _payload(self, step: int) -> tuple[int, int]:
+        """Process 0's (save at the next step, steps from this exchange to the next)."""
         if jax.process_index() != 0:
             return 0, 0
-        gap = int(self.EXCHANGE_SECONDS / self._step_seconds) if self._step_seconds else 1
-        due = time.monotonic() - self._last_save >= self._interval
+        now, gap = time.monotonic(), 1
+        if self._last_exchange is not None:  # as many steps as took EXCHANGE_SECONDS lately
+            steps, seconds = step - self._last_exchange[0], now - self._last_exchange[1]
+            gap = min(max(round(self.EXCHANGE_SECONDS * steps / max(seconds, 1e-6)), 1), 10_000)
+        self._last_exchange = (step, now)
+        due = now - self._last_save >= self._interval
         if due:  # the save follows at the next step: count from here
-            self._last_save = time.monotonic()
-        return int(due), min(max(gap, 2), 10_000)
+            self._last_save = now
+        return int(due), gap
 
     def _exchange(self, payload: tuple[int, int]) -> jax.Array:
         local = np.tile(np.array(payload, np.int32), (jax.local_device_count(), 1))

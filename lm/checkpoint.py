@@ -47,14 +47,15 @@ class Damaged(Exception):
 
 
 class RestoreFailed(Exception):
-    """A checkpoint could not be read, for a reason that is not proven damage; it is left as it is."""
+    """A checkpoint could not be read, for a reason that is not proven damage; it is left alone."""
 
 
 def is_damage(error: BaseException) -> bool:
     """Whether `error` (or an error it was raised from) proves the checkpoint itself damaged, as
     opposed to a read that failed (network, permissions, too many open files, a bug)."""
     while error is not None:
-        if isinstance(error, (Damaged, FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)):
+        if isinstance(error, (Damaged, FileNotFoundError, json.JSONDecodeError,
+                              UnicodeDecodeError)):
             return True
         if isinstance(error, ValueError) and str(error).startswith(_DAMAGE_CODES):
             return True
@@ -92,7 +93,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        """Whether `step` is a `checkpoint_every` step (saves by wall time: agreement.StepDecisions)."""
+        """Whether `step` is a `checkpoint_every` step (by wall time: agreement.StepDecisions)."""
         return step % self._every == 0
 
     def save(self, step: int, state: TrainState, data_iter: Any) -> None:
@@ -126,7 +127,7 @@ class Checkpointer:
                 outcomes, state, data_state, reason = self._agreed_read(step, abstract_state,
                                                                         data_iter)
             if max(outcomes) == _READ:
-                self._manager.reload()  # after the last agreement: process 0 renamed what it set aside
+                self._manager.reload()  # after the last agreement: process 0 renamed the damaged
                 if data_iter is not None:
                     self._set_data_state(step, data_iter, data_state)
                 # Multi-process, device_put checks that every process passes the same value: a

@@ -312,7 +312,8 @@ def sigterm_one_of_two(sweep: Sweep, index: int) -> None:
 
 
 def _summary(cases: list[dict]) -> str:
-    rows = ["| fault | kill points | survived bitwise | passed over (set aside) |", "|---|---|---|---|"]
+    rows = ["| fault | kill points | survived bitwise | passed over (set aside) |",
+            "|---|---|---|---|"]
     for fault in FAULTS:
         mine = [c for c in cases if c["fault"] == fault]
         if mine:
@@ -337,13 +338,14 @@ def main(argv: list[str]) -> None:
     wait_until(timed, lambda: logged_steps(root / "timed" / "run") >= 1)
     first = time.monotonic()
     timed.wait()
+    run_seconds = time.monotonic() - first
     references = {1: root / "reference" / "run"}
     if "sigterm_one_of_two" in _FAULTS.value:
         references[2] = root / "reference_two" / "run"
         start(references[2], _STEPS.value, cache, processes=2).wait()
     sweep = Sweep(root, cache, {n: (losses(path), final_params(path))
                                 for n, path in references.items()},
-                  random.Random(_SEED.value), run_seconds=time.monotonic() - first)
+                  random.Random(_SEED.value), run_seconds=run_seconds)
     print(f"reference: {_STEPS.value} steps, their run {sweep.run_seconds:.1f} s "
           f"(first compile {startup:.1f} s)", flush=True)
     for fault in _FAULTS.value:

@@ -143,9 +143,9 @@ class Outage:
         host, port = target.split("://")[1].split(":")
         self._target, self._trigger, self._seconds = (host, int(port)), trigger, seconds
         body = json.dumps({"error": {"code": status, "message": "the service is down"}}).encode()
-        self._answer = (f"HTTP/1.1 {status} Service Down\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body \
-            if status else b""
+        head = (f"HTTP/1.1 {status} Service Down\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        self._answer = head + body if status else b""
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self.tripped = threading.Event()

@@ -39,8 +39,9 @@ from lm.train import check_resumable, train_and_evaluate
 # The learning rate is constant after step 6 (test_multihost.TINY), so how long a run was asked to
 # be does not change its steps.
 FAULT_FLAGS = [*TWO_PROCESS_MESH, "--config.train.checkpoint_every=100000",
-               "--config.train.checkpoint_every_minutes=0.005", "--config.train.keep_checkpoints=20",
-               "--config.train.eval_every=100000", "--config.train.sample_length=0"]
+               "--config.train.checkpoint_every_minutes=0.005",
+               "--config.train.keep_checkpoints=20", "--config.train.eval_every=100000",
+               "--config.train.sample_length=0"]
 
 
 def records(workdir: Path) -> list[dict]:
@@ -89,8 +90,9 @@ def test_sigterm_on_one_process_saves_the_same_step_on_both_and_both_exit_143(pr
     assert max(step_losses(records(workdir))) == saved[-1]
     assert len(saved) >= 2  # by wall time: checkpoint_every is 100000
     for step in saved:  # every save, by time or for SIGTERM, was written by both processes
-        assert sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").glob("*.json")) \
-            == ["process_0-of-2.json", "process_1-of-2.json"]
+        data = workdir / "checkpoints" / str(step) / "data"
+        assert sorted(p.name for p in data.glob("*.json")) == [
+            "process_0-of-2.json", "process_1-of-2.json"]
 
 
 def test_damage_on_one_process_is_passed_over_by_both_and_each_resume_is_bitwise(
