@@ -95,20 +95,27 @@ def test_sigterm_on_one_process_saves_the_same_step_on_both_and_both_exit_143(pr
             "process_0-of-2.json", "process_1-of-2.json"]
 
 
-def test_damage_on_one_process_is_passed_over_by_both_and_each_resume_is_bitwise(
+def test_what_one_process_meets_in_a_restore_every_process_follows_and_resumes_bitwise(
         preempted, tmp_path):
-    """Rerun as the run was left, and with process 1's part of the last checkpoint garbled: both
-    processes must then fall back to the checkpoint before. The first continues from the last
-    step, the second from the one before, through the last: each resume is checked against steps
-    that the other run, or the preempted one, ran without stopping."""
+    """Two reruns, side by side. In one, process 1 cannot read its part of the last checkpoint
+    for a while (an OSError that proves nothing): both retry, then resume from it. In the other,
+    process 1's part is garbled: both pass it over and resume from the checkpoint before, through
+    the last. Each resume is checked against steps that the other run, or the preempted one, ran
+    without stopping."""
     left, _, _, cache = preempted
     *_, before, last = saved_steps(left)
     resumed, fell_back = copy_of(left, tmp_path / "resumed"), copy_of(left, tmp_path / "fell_back")
+    put_back = unreadable_until_put_back(
+        resumed / "checkpoints" / str(last) / "data" / "process_1-of-2.json")
     (fell_back / "checkpoints" / str(last) / "data" / "process_1-of-2.json").write_text('{"next')
     jobs = {path: two_processes(path, last + 2, cache) for path in (resumed, fell_back)}
+    threading.Thread(target=lambda: (wait_for_line(resumed.parent / "process_0.log", "retrying"),
+                                     put_back()), daemon=True).start()
     outputs = {path: finish(procs, path) for path, procs in jobs.items()}
     for path, procs in jobs.items():
         assert [p.returncode for p in procs] == [0, 0], outputs[path]
+    assert f"retrying {resumed}/checkpoints/{last} in" in outputs[resumed][0]
+    assert "IsADirectoryError" in outputs[resumed][1]
     assert f"resumed from step {last}" in outputs[resumed][0]
     assert f"resumed from step {before}" in outputs[fell_back][0]
     assert "found by process 1" in outputs[fell_back][0]
@@ -124,6 +131,13 @@ def test_damage_on_one_process_is_passed_over_by_both_and_each_resume_is_bitwise
         [uninterrupted[s] for s in range(before + 1, last + 1)]
     assert [after_last[s] for s in (last + 1, last + 2)] == \
         [after_before[s] for s in (last + 1, last + 2)]
+
+
+def wait_for_line(log: Path, text: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and text in log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"{log} never said {text!r}"
+        time.sleep(0.1)
 
 
 def test_a_run_trained_across_hosts_loads_on_one(preempted):
