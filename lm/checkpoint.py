@@ -84,8 +84,8 @@ class Checkpointer:
         self._every = train.checkpoint_every
         self._attempts, self._backoff = attempts, backoff_seconds
         self._handler = ocp.StandardCheckpointHandler()
+        # Saves are decided here and in agreement.StepDecisions, not by orbax's policies.
         self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.FixedIntervalPolicy(train.checkpoint_every),
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=True))
 
@@ -121,19 +121,14 @@ class Checkpointer:
         `train.init_from` to load.
         """
         below, failures = None, 0
-        while (step := self._agreed_step(below)) != _NO_STEP:
-            outcomes, state, data_state, reason = [_FAILED], None, None, ""
+        while (listed := self._agreed_step(below))[0] != _NO_STEP:
+            step, reason = listed
+            outcomes, state, data_state = [_FAILED], None, None
             if step != _UNLISTED:
                 outcomes, state, data_state, reason = self._agreed_read(step, abstract_state,
                                                                         data_iter)
             if max(outcomes) == _READ:
-                self._manager.reload()  # after the last agreement: process 0 renamed the damaged
-                if data_iter is not None:
-                    self._set_data_state(step, data_iter, data_state)
-                # Multi-process, device_put checks that every process passes the same value: a
-                # collective, so only once all have read.
-                return state.replace(step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32),
-                                                         abstract_state.step.sharding))
+                return self._resume(state, data_state, abstract_state, data_iter)
             if max(outcomes) == _MISMATCH:
                 raise ConfigError(reason or f"checkpoint {step} does not fit this run's state on "
                                   f"process {outcomes.index(_MISMATCH)}")
@@ -147,10 +142,22 @@ class Checkpointer:
         self._manager.reload()
         return None
 
-    def _agreed_step(self, below: int | None) -> int:
+    def _resume(self, state: TrainState, data_state: Any, abstract_state: TrainState,
+                data_iter: Any) -> TrainState:
+        """The state every process read, with its step as an array, and the data position set."""
+        self._manager.reload()  # after the last agreement: process 0 renamed what it set aside
+        step = int(state.step)
+        if data_iter is not None:
+            self._set_data_state(step, data_iter, data_state)
+        # Multi-process, device_put checks that every process passes the same value: a
+        # collective, so only once all have read.
+        return state.replace(step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32),
+                                                 abstract_state.step.sharding))
+
+    def _agreed_step(self, below: int | None) -> tuple[int, str]:
         """Process 0's pick, on every process: the newest step below `below` with optimizer state,
-        _NO_STEP, or _UNLISTED when process 0 could not list the steps."""
-        step = _NO_STEP
+        _NO_STEP, or _UNLISTED when process 0 could not list the steps (and its reason there)."""
+        step, reason = _NO_STEP, ""
         if jax.process_index() == 0:
             steps, _, reason = _attempt(lambda: [
                 s for s in self.steps() if (below is None or s < below)
@@ -158,7 +165,7 @@ class Checkpointer:
             if reason:
                 _warn(f"cannot list the checkpoints in {self.directory}: {reason}")
             step = _UNLISTED if steps is None else (steps[-1] if steps else _NO_STEP)
-        return agreement.broadcast(step)
+        return agreement.broadcast(step), reason
 
     def _agreed_read(self, step: int, abstract_state: TrainState, data_iter: Any
                      ) -> tuple[list[int], TrainState | None, Any, str]:
@@ -266,8 +273,13 @@ def _sums(leaves: list[jax.Array]) -> list[jax.Array]:
         if x.dtype == bool:
             x = x.astype(jnp.uint8)
         words = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32)
-        words = words.reshape(-1)
-        return jnp.sum(words * (2 * jnp.arange(words.size, dtype=jnp.uint32) + 1))
+        # The flat (row-major) position, built per dimension rather than by flattening, which
+        # would gather an array sharded along a later dimension onto every device.
+        position, stride = jnp.zeros(x.shape, jnp.uint32), 1
+        for dim in reversed(range(x.ndim)):
+            position += jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * (stride % 2**32)
+            stride *= x.shape[dim]
+        return jnp.sum(words * (2 * position + 1))
     return [one(x) for x in leaves]
 
 

@@ -257,6 +257,27 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_restores(
     assert (workdir / "checkpoints" / f"{last}.unreadable").is_dir()
 
 
+def test_the_fingerprint_is_numpys_checksum_on_any_mesh_and_sees_one_flipped_bit():
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(size=(16, 24)).astype(np.float32),
+            "b": rng.normal(size=5).astype(jnp.bfloat16), "count": np.int32(7)}
+
+    def reference(x):  # in numpy, on the flattened words, in 64 bits
+        x = np.asarray(x)
+        words = x.view({4: np.uint32, 2: np.uint16}[x.dtype.itemsize]).reshape(-1)
+        weights = 2 * np.arange(words.size, dtype=np.uint64) + 1
+        return int((words.astype(np.uint64) * weights).sum() % 2**32)
+    expected = [reference(x) for x in jax.tree.leaves(tree)]
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    sharded = {**tree, "w": jax.device_put(tree["w"], jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, ("x", "y"))))}  # split along the later dimension
+    assert checkpoint.fingerprints({"t": tree}) == checkpoint.fingerprints({"t": sharded}) == {
+        "t": expected}
+    flipped = tree["w"].copy()
+    flipped.view(np.uint32)[7, 3] ^= 1 << 31
+    assert checkpoint.fingerprints({"t": {**tree, "w": flipped}})["t"][2] != expected[2]
+
+
 def unreadable_until_put_back(path: Path) -> Callable[[], None]:
     """Reading `path` fails with a real OSError that proves nothing about the checkpoint (a
     directory stands where the file was: EISDIR, as a failing disk gives EIO or a busy store a 503)
