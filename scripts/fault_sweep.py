@@ -12,13 +12,15 @@ Faults (each case a fresh workdir, the binary `python -m lm.train` in subprocess
   sigkill_mid_restore   SIGKILL while a rerun is restoring (it has a checkpoint file open), or at an
                         evenly spread time of its start-up when no open file was caught
   sigterm               SIGTERM at the same points: exit 143 with the current step saved
-  damaged_latest        a file of the newest checkpoint truncated or one byte of it flipped, chosen
-                        at random: the rerun passes the checkpoint over, or reads it intact
+  damaged_latest        a file of the newest checkpoint truncated, or one byte of it flipped: in
+                        turn a chunk of parameters or of optimizer state, an item's metadata, the
+                        data-iterator state, the fingerprint (the file and byte at random): the
+                        rerun passes the checkpoint over, or reads it intact
   sigterm_one_of_two    two processes (data across them), SIGTERM to one of them (alternately) at
                         the same points: both exit 143 having saved the same step
 
-Every case is rerun to the end (twice for sigkill_mid_restore) and must then have, bitwise, the
-uninterrupted run's loss at every step and its final parameters. The table counts the cases and
+Every case is then rerun to the end and must have, bitwise, the uninterrupted run's loss at every
+step and its final parameters. The table counts the cases and
 what survived; the JSON has each case.
 """
 
@@ -168,6 +170,7 @@ class Sweep:
     references: dict[int, tuple[dict[int, float], object]]  # by process count: losses, params
     rng: random.Random
     run_seconds: float  # an uninterrupted run's, from its first logged step to its end
+    startup_seconds: float  # its start: from the command to the first logged step
 
     @property
     def step_seconds(self) -> float:
@@ -261,7 +264,7 @@ def sigkill_mid_restore(sweep: Sweep, index: int) -> None:
     job = start(workdir, _STEPS.value, sweep.cache)
     fds = Path(f"/proc/{job.processes[0].pid}/fd")
     folder = str(workdir / "checkpoints") + "/"
-    deadline = time.monotonic() + (index + 1) / _CASES.value * sweep.run_seconds
+    deadline = time.monotonic() + (index + 1) / (_CASES.value + 1) * sweep.startup_seconds
 
     def reading() -> bool:
         try:
@@ -272,26 +275,33 @@ def sigkill_mid_restore(sweep: Sweep, index: int) -> None:
     job.wait()
     restored = "resumed from step" in job.output()
     point = ("with a checkpoint file open" if caught and not restored and time.monotonic() <
-             deadline else f"{index + 1}/{_CASES.value} of a run's time into the start-up") + (
+             deadline else f"{index + 1}/{_CASES.value + 1} into the start-up") + (
         ", after its restore" if restored else "")
     sweep.finish("sigkill_mid_restore", workdir, point)
+
+
+# What damaged_latest does to the newest checkpoint, case after case: (the files it picks one of,
+# relative to the step's directory, and whether it flips a byte or truncates the file to half).
+DAMAGES = (("params/**/d/*", "flip"), ("opt_state/**/d/*", "flip"),
+           ("opt_state/**/d/*", "truncate"), ("*/_METADATA", "flip"), ("data/*.json", "truncate"),
+           ("fingerprint/*", "flip"))
 
 
 def damaged_latest(sweep: Sweep, index: int) -> None:
     workdir = _partial_run(sweep, "damaged_latest", index)
     latest = workdir / "checkpoints" / str(checkpoints(workdir)[-1])
-    files = sorted(p for p in latest.rglob("*") if p.is_file())
-    victim = sweep.rng.choice(files)
+    pattern, how = DAMAGES[index % len(DAMAGES)]
+    victim = sweep.rng.choice(sorted(p for p in latest.glob(pattern) if p.is_file()))
     data = bytearray(victim.read_bytes())
-    if index % 2 == 0 or not data:
+    if how == "truncate":
         victim.write_bytes(data[:len(data) // 2])
-        how = f"truncated to {len(data) // 2} of {len(data)} bytes"
+        done = f"truncated to {len(data) // 2} of {len(data)} bytes"
     else:
         at = sweep.rng.randrange(len(data))
         data[at] ^= 0xFF
         victim.write_bytes(bytes(data))
-        how = f"byte {at} of {len(data)} flipped"
-    sweep.finish("damaged_latest", workdir, f"{victim.relative_to(workdir / 'checkpoints')} {how}")
+        done = f"byte {at} of {len(data)} flipped"
+    sweep.finish("damaged_latest", workdir, f"{victim.relative_to(latest.parent)} {done}")
 
 
 def sigterm_one_of_two(sweep: Sweep, index: int) -> None:
@@ -334,20 +344,22 @@ def main(argv: list[str]) -> None:
     reference.wait()
     startup = next(float(line.split("compiled in ")[1].split("s")[0])
                    for line in reference.output().splitlines() if "compiled in" in line)
+    began_timed = time.monotonic()
     timed = start(root / "timed" / "run", _STEPS.value, cache)  # compiled: its steps' duration
     wait_until(timed, lambda: logged_steps(root / "timed" / "run") >= 1)
     first = time.monotonic()
     timed.wait()
-    run_seconds = time.monotonic() - first
+    run_seconds, startup_seconds = time.monotonic() - first, first - began_timed
     references = {1: root / "reference" / "run"}
     if "sigterm_one_of_two" in _FAULTS.value:
         references[2] = root / "reference_two" / "run"
         start(references[2], _STEPS.value, cache, processes=2).wait()
     sweep = Sweep(root, cache, {n: (losses(path), final_params(path))
                                 for n, path in references.items()},
-                  random.Random(_SEED.value), run_seconds=run_seconds)
-    print(f"reference: {_STEPS.value} steps, their run {sweep.run_seconds:.1f} s "
-          f"(first compile {startup:.1f} s)", flush=True)
+                  random.Random(_SEED.value), run_seconds=run_seconds,
+                  startup_seconds=startup_seconds)
+    print(f"reference: {_STEPS.value} steps, their run {sweep.run_seconds:.1f} s, start-up "
+          f"{sweep.startup_seconds:.1f} s (first compile {startup:.1f} s)", flush=True)
     for fault in _FAULTS.value:
         count = _CASES.value // 2 if fault == "sigterm_one_of_two" else _CASES.value
         for index in range(count):

@@ -74,7 +74,7 @@ def preempted(tmp_path_factory):
     cache = tmp_path_factory.mktemp("xla_cache")
     workdir = tmp_path_factory.mktemp("preempted") / "run"
     procs = two_processes(workdir, 100_000, cache)
-    while len(saved_steps(workdir)) < 2 if (workdir / "checkpoints").exists() else True:
+    while not (workdir / "checkpoints").exists() or len(saved_steps(workdir)) < 2:
         assert all(p.poll() is None for p in procs), (workdir.parent / "process_0.log").read_text()
         time.sleep(0.1)
     procs[1].send_signal(signal.SIGTERM)
