@@ -9,8 +9,8 @@ Faults (each case a fresh workdir, the binary `python -m lm.train` in subprocess
                         temporary directory exists), k = 1, 2, ...
   sigkill_any_time      SIGKILL after steps 1, ..., steps - 2 (evenly spread over the cases), a
                         random part of a step's time after the step was logged
-  sigkill_mid_restore   SIGKILL while a rerun is restoring (it has a checkpoint file open), or at an
-                        evenly spread time of its start-up when no open file was caught
+  sigkill_mid_restore   SIGKILL 0, 40, 80, ... ms after a rerun first has a file of the checkpoint
+                        open (its restore has begun; the case names that file)
   sigterm               SIGTERM at the same points: exit 143 with the current step saved
   damaged_latest        a file of the newest checkpoint truncated, or one byte of it flipped: in
                         turn a chunk of parameters or of optimizer state, an item's metadata, the
@@ -170,12 +170,11 @@ class Sweep:
     references: dict[int, tuple[dict[int, float], object]]  # by process count: losses, params
     rng: random.Random
     run_seconds: float  # an uninterrupted run's, from its first logged step to its end
-    startup_seconds: float  # its start: from the command to the first logged step
+    cases: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def step_seconds(self) -> float:
         return self.run_seconds / _STEPS.value
-    cases: list[dict] = dataclasses.field(default_factory=list)
 
     def finish(self, fault: str, workdir: Path, point: str, processes: int = 1,
                reruns: int = 1) -> None:
@@ -259,25 +258,38 @@ def _partial_run(sweep: Sweep, fault: str, index: int) -> Path:
     return workdir
 
 
+def open_file_under(pid: int, folder: str) -> str:
+    """A file under `folder` that process `pid` has open ("" if none, or if it is gone)."""
+    try:
+        return next((t for fd in Path(f"/proc/{pid}/fd").iterdir()
+                     if (t := os.readlink(fd)).startswith(folder)), "")
+    except OSError:  # a descriptor closed while listed, or the process ended
+        return ""
+
+
 def sigkill_mid_restore(sweep: Sweep, index: int) -> None:
+    """SIGKILL 0, 40, 80, ... ms after the rerun first has a file of the checkpoint open."""
     workdir = _partial_run(sweep, "sigkill_mid_restore", index)
     job = start(workdir, _STEPS.value, sweep.cache)
-    fds = Path(f"/proc/{job.processes[0].pid}/fd")
-    folder = str(workdir / "checkpoints") + "/"
-    deadline = time.monotonic() + (index + 1) / (_CASES.value + 1) * sweep.startup_seconds
+    checkpoints_dir = (workdir / "checkpoints").resolve()
+    folder, opened, polls = f"{checkpoints_dir}/", [""], [0]
 
-    def reading() -> bool:
-        try:
-            return any(os.readlink(fd).startswith(folder) for fd in fds.iterdir())
-        except OSError:  # a descriptor closed while listed
-            return False
-    caught = kill_when(job, lambda: reading() or time.monotonic() >= deadline, poll=0.0005)
+    def restoring_or_restored() -> bool:
+        opened[0] = open_file_under(job.processes[0].pid, folder)
+        polls[0] += 1  # the log is read less often: an open file missed shows up there
+        return bool(opened[0]) or (polls[0] % 100 == 0 and "resumed from step" in job.output())
+    wait_until(job, restoring_or_restored, poll=0.0005)
+    delay = index * 0.04
+    time.sleep(delay)
+    killed = job.alive()
+    job.processes[0].kill()
     job.wait()
-    restored = "resumed from step" in job.output()
-    point = ("with a checkpoint file open" if caught and not restored and time.monotonic() <
-             deadline else f"{index + 1}/{_CASES.value + 1} into the start-up") + (
-        ", after its restore" if restored else "")
-    sweep.finish("sigkill_mid_restore", workdir, point)
+    first = Path(opened[0]).relative_to(checkpoints_dir) if opened[0] else None
+    point = (f"{delay * 1e3:.0f} ms after it first had {first} open" if first else
+             "after its restore (no open file caught)")
+    if first and "resumed from step" in job.output():
+        point += ", after its restore"
+    sweep.finish("sigkill_mid_restore", workdir, point if killed else "(the run ended first)")
 
 
 # What damaged_latest does to the newest checkpoint, case after case: (the files it picks one of,
@@ -337,29 +349,28 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(_FAULTS.value) - set(FAULTS))
     if unknown:
         sys.exit(f"error: --faults: unknown {unknown}; choose from {', '.join(FAULTS)}")
-    root = Path(_WORKDIR.value or tempfile.mkdtemp(prefix="fault_sweep_"))
+    # Absolute: the runs' working directory is the repository's.
+    root = Path(_WORKDIR.value or tempfile.mkdtemp(prefix="fault_sweep_")).resolve()
     cache = root / "xla_cache"
     began = time.monotonic()
     reference = start(root / "reference" / "run", _STEPS.value, cache)
     reference.wait()
     startup = next(float(line.split("compiled in ")[1].split("s")[0])
                    for line in reference.output().splitlines() if "compiled in" in line)
-    began_timed = time.monotonic()
     timed = start(root / "timed" / "run", _STEPS.value, cache)  # compiled: its steps' duration
     wait_until(timed, lambda: logged_steps(root / "timed" / "run") >= 1)
     first = time.monotonic()
     timed.wait()
-    run_seconds, startup_seconds = time.monotonic() - first, first - began_timed
+    run_seconds = time.monotonic() - first
     references = {1: root / "reference" / "run"}
     if "sigterm_one_of_two" in _FAULTS.value:
         references[2] = root / "reference_two" / "run"
         start(references[2], _STEPS.value, cache, processes=2).wait()
     sweep = Sweep(root, cache, {n: (losses(path), final_params(path))
                                 for n, path in references.items()},
-                  random.Random(_SEED.value), run_seconds=run_seconds,
-                  startup_seconds=startup_seconds)
-    print(f"reference: {_STEPS.value} steps, their run {sweep.run_seconds:.1f} s, start-up "
-          f"{sweep.startup_seconds:.1f} s (first compile {startup:.1f} s)", flush=True)
+                  random.Random(_SEED.value), run_seconds=run_seconds)
+    print(f"reference: {_STEPS.value} steps, their run {sweep.run_seconds:.1f} s "
+          f"(first compile {startup:.1f} s)", flush=True)
     for fault in _FAULTS.value:
         count = _CASES.value // 2 if fault == "sigterm_one_of_two" else _CASES.value
         for index in range(count):
