@@ -87,7 +87,10 @@ class Checkpointer:
         # Saves are decided here and in agreement.StepDecisions, not by orbax's policies.
         self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep),
-            enable_async_checkpointing=True))
+            enable_async_checkpointing=True,
+            # The step's directories are made before save() returns: made in the background, a
+            # refused one (no permission) left the next save waiting for them (orbax 0.12.8).
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -100,11 +103,12 @@ class Checkpointer:
         """Start saving `state` (at `step`); returns at once while the write continues behind."""
         if step in self._manager.all_steps():
             return
-        self._manager.save(step, force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            data=grain.checkpoint.CheckpointSave(data_iter),
-            fingerprint=ocp.args.JsonSave(fingerprints(_items(state)))))
+        with fs.errors(self.directory):  # this save's, or the previous one's (a full disk)
+            self._manager.save(step, force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                data=grain.checkpoint.CheckpointSave(data_iter),
+                fingerprint=ocp.args.JsonSave(fingerprints(_items(state)))))
 
     def restore_latest(self, abstract_state: TrainState, data_iter: Any = None
                        ) -> TrainState | None:
@@ -250,11 +254,13 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending saves are on disk; re-raises a background save's error."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        with fs.errors(self.directory):
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
 
     def close(self) -> None:
-        self._manager.close()
+        with fs.errors(self.directory):
+            self._manager.close()
 
 
 def _attempt(read: Callable[[], Any]) -> tuple[Any, int, str]:
