@@ -10,7 +10,6 @@ import re
 import sys
 from typing import Sequence
 
-import jax
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
@@ -60,6 +59,7 @@ def default_config() -> ConfigDict:
     d.completion_field = "completion"  # prompt_completion: the field of the completion
     d.segment_documents = False     # attention and positions restart at every document (packing)
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
+    d.prepare_workers = 0           # processes tokenizing on each host; 0: one per CPU core
     d.read_threads = 0              # grain reader threads; 0 reads in the training thread, best for
                                     # local shards (page cache); raise it for slow or network disks
     d.shard_cache_dir = "~/.cache/lm/shards"  # prepared shards in a bucket are copied here once
@@ -183,6 +183,8 @@ def validate_data(data: ConfigDict) -> None:
     _check(0.0 <= data.val_fraction < 1.0,
            f"config.data.val_fraction={data.val_fraction} must be in [0, 1)")
     _check(data.read_threads >= 0, f"config.data.read_threads={data.read_threads} must be >= 0")
+    _check(data.prepare_workers >= 0,
+           f"config.data.prepare_workers={data.prepare_workers} must be >= 0 (0: one per core)")
     _check(re.match(r"[a-z][a-z0-9+.-]*://", data.shard_cache_dir) is None,
            f"config.data.shard_cache_dir={data.shard_cache_dir!r} must be a local directory (a "
            f"cache of bucket shards), or empty to read them by ranges")
@@ -192,6 +194,8 @@ def validate_data(data: ConfigDict) -> None:
 
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError naming the field and the fix for anything that would fail later."""
+    import jax  # here, not on import: tokenizing workers import this module and need no JAX
+
     num_devices = jax.device_count() if num_devices is None else num_devices
     for path, choices in _CHOICES.items():
         _check(_get(config, path) in choices,

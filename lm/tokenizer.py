@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
+import random
 import sys
 from typing import Iterable, Iterator, Protocol, Sequence
 
@@ -61,10 +63,14 @@ class CharTokenizer(_EndOfDocumentOnly):
 
     @classmethod
     def fit(cls, texts: Iterable[str]) -> CharTokenizer:
-        chars: set[str] = set()
+        """Every character of `texts` (a stream: one text in memory at a time), found by numpy
+        over each text's code points, not a Python loop over its characters."""
+        codes = np.zeros(0, np.uint32)
         for text in texts:
-            chars.update(text)
-        return cls(sorted(chars))
+            seen = np.unique(np.frombuffer(text.encode("utf-32-le"), np.uint32))
+            if not np.isin(seen, codes, assume_unique=True).all():
+                codes = np.union1d(codes, seen)
+        return cls([chr(c) for c in codes.tolist()])
 
     def encode(self, text: str) -> np.ndarray:
         try:
@@ -247,21 +253,44 @@ def _sentences(texts: Iterable[str]) -> Iterator[str]:
                 yield line[start:start + MAX_SENTENCE_CHARS]
 
 
+def sample_lines(lines: Iterable[str], size: int, seed: int = 0) -> list[str]:
+    """A uniform sample of at most `size` of `lines` (a stream of any length), in stream order:
+    a reservoir (Li's algorithm L: random draws only where a line enters it), seeded."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    weight, next_index = 1.0, size
+    for index, line in enumerate(lines):
+        if index < size:
+            reservoir.append((index, line))
+            if index == size - 1:
+                weight = math.exp(math.log(rng.random()) / size)
+                next_index = size + int(math.log(rng.random()) / math.log1p(-weight))
+        elif index == next_index:
+            reservoir[rng.randrange(size)] = (index, line)
+            weight *= math.exp(math.log(rng.random()) / size)
+            next_index += 1 + int(math.log(rng.random()) / math.log1p(-weight))
+    return [line for _, line in sorted(reservoir)]
+
+
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "bpe",
                         character_coverage: float = 0.9995,
                         user_defined_symbols: Sequence[str] = (),
                         max_sentences: int = 5_000_000, verbose: bool = False
                         ) -> SentencePieceTokenizer:
-    """Train on `texts` (documents). Ids: 0 unk, 1 bos, 2 eos, 3 pad, then the user's symbols.
+    """Train on `texts` (documents, a stream of any length). Ids: 0 unk, 1 bos, 2 eos, 3 pad, then
+    the user's symbols.
 
-    At most `max_sentences` lines, sampled uniformly, are used, so a huge corpus fits in memory.
+    At most `max_sentences` lines, sampled uniformly from the stream by a seeded reservoir, are
+    kept, so a corpus larger than memory trains the same way; fewer lines are all used, in order.
     """
     import io
 
     model = io.BytesIO()
+    sentences = sample_lines(_sentences(texts), max_sentences)
+    spm.set_random_generator_seed(0)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
             model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
@@ -275,7 +304,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
     return SentencePieceTokenizer(model.getvalue())
 
 
-def fit_tokenizer(kind: str, texts: Sequence[str]) -> Tokenizer:
+def fit_tokenizer(kind: str, texts: Iterable[str]) -> Tokenizer:
     """`char`, `byte`, `train:N` (sentencepiece of N pieces on `texts`), a `.model` path, or a
     `.json` path: an lm tokenizer.json (a workdir's, e.g. `python -m lm.hf import`'s) or a
     HuggingFace one."""
