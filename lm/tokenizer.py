@@ -353,7 +353,10 @@ def main(argv: list[str]) -> None:
         files = sorted(p for pattern in f.input for p in fs.expand(pattern))
         if not files:
             raise ConfigError(f"--input={','.join(f.input)} matches no files")
-        texts = (fs.read_bytes(p).decode("utf-8", errors="replace") for p in files)
+        from lm import sources
+
+        # A stream of pieces, never a whole file in memory; gzip and zstd files are decompressed.
+        texts = (piece for p in files for piece in sources.text_pieces(p, errors="replace"))
         print(f"training a {f.model_type} model of {f.vocab_size} pieces on {len(files)} files "
               f"(at most {f.max_sentences:,} lines, sampled)", flush=True)
         tokenizer = train_sentencepiece(texts, f.vocab_size, f.model_type, f.character_coverage,
