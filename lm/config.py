@@ -48,13 +48,15 @@ def default_config() -> ConfigDict:
     m.attention_impl = "auto"   # auto (cuDNN flash attention on GPU in 16-bit, else xla) | xla | cudnn
 
     c.data = d = ConfigDict()
-    d.path = "builtin:python_docs"  # .txt/.jsonl(.gz) file, directory or glob (comma-separated),
-                                    # builtin:python_docs, or a directory `python -m lm.prepare` wrote
+    d.path = "builtin:python_docs"  # text/.jsonl/.parquet/.arrow (.gz, .zst) files, directories
+                                    # or globs (comma-separated; local, gs://, s3://),
+                                    # builtin:python_docs, hf:NAME (a HuggingFace hub dataset,
+                                    # streamed), or a directory `python -m lm.prepare` wrote
     d.tokenizer = "char"            # char | byte | train:N (sentencepiece, N pieces) | a .model path
                                     # | a tokenizer .json (HuggingFace or a workdir's)
     d.val_fraction = 0.1            # held out by document; fewer than 10 texts: each one's tail
     d.format = "text"               # text | prompt_completion (jsonl examples, loss on completions)
-    d.text_field = "text"           # the field of a .jsonl line that holds a document
+    d.text_field = "text"           # the field (jsonl) or column (parquet, arrow) of the text
     d.prompt_field = "prompt"       # prompt_completion: the field of the prompt
     d.completion_field = "completion"  # prompt_completion: the field of the completion
     d.segment_documents = False     # attention and positions restart at every document (packing)

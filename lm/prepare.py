@@ -55,7 +55,10 @@ from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate_data
 
 VERSION = 2
-TASK_BYTES = 64 << 20   # input per task: the unit of parallel work and of resumption
+TASK_BYTES = 64 << 20   # input per task, at most: the unit of parallel work and of resumption
+TASKS = 64              # a smaller corpus is cut into about this many tasks (of 1 MiB at least),
+                        # so that every core has work; never by the number of cores, which would
+                        # change the shards
 SHARD_TOKENS = 1 << 27  # tokens per shard file, at most
 FITTED = ("char", "train:")  # tokenizers fitted on the corpus itself
 
@@ -93,7 +96,7 @@ def _key(data: ConfigDict, seed: int, inputs: list[sources.Input]) -> dict:
     return {"version": VERSION,
             "inputs": _digest([[i.path, i.size, i.version] for i in inputs]),
             "seed": seed, "format": data.format, "val_fraction": data.val_fraction,
-            "fields": fields, "task_bytes": TASK_BYTES, "piece_bytes": sources.PIECE_BYTES}
+            "fields": fields, "task_bytes": [TASK_BYTES, TASKS], "piece_bytes": sources.PIECE_BYTES}
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -166,15 +169,16 @@ class Preparation:
         """Cut the inputs into tasks and write plan.json (a listing and a few small reads)."""
         _check_out(self.out)
         self.tails = corpus.uses_tails(self.inputs, self.data)
+        target = min(TASK_BYTES, max(1 << 20, sum(i.size for i in self.inputs) // TASKS))
         parts = []
         for input in self.inputs:
             if self.tails and input.kind == "text":
                 size = sources.decompressed_size(input)
                 cut = sources.char_boundary(input, int(size * (1 - self.data.val_fraction)), size)
-                parts += sources.split_text_at(input, cut, size, TASK_BYTES)
+                parts += sources.split_text_at(input, cut, size, target)
             else:
-                parts += sources.split_input(input, TASK_BYTES)
-        self.tasks = _group(parts)
+                parts += sources.split_input(input, target)
+        self.tasks = _group(parts, target)
         fs.makedirs(self.work)
         plan = {"key": self.key, "tails": self.tails, "tasks": [t.to_json() for t in self.tasks]}
         _write_at_once(self.work / "plan.json", json.dumps(plan))
@@ -310,11 +314,11 @@ class Preparation:
                 fs.remove_tree(entry)
 
 
-def _group(parts: list[tuple[sources.Part, int]]) -> list[shards.Task]:
-    """Consecutive parts in tasks of about TASK_BYTES of input."""
+def _group(parts: list[tuple[sources.Part, int]], target: int) -> list[shards.Task]:
+    """Consecutive parts in tasks of about `target` bytes of input."""
     groups: list[tuple[list[sources.Part], int]] = []
     for part, size in parts:
-        if not groups or groups[-1][1] + size > TASK_BYTES:
+        if not groups or groups[-1][1] + size > target:
             groups.append(([], 0))
         groups[-1] = (groups[-1][0] + [part], groups[-1][1] + size)
     return [shards.Task(i, tuple(group), size) for i, (group, size) in enumerate(groups)]

@@ -180,24 +180,26 @@ def inputs(data: ConfigDict) -> list[Input]:
 # ---------------------------------------------------------------------------------------------
 # Records -> documents: one function per config.data.format.
 
-def _field(record: Any, name: str, where: str, setting: str) -> str:
+def _field(record: Any, name: str, where: Callable[[], str], setting: str) -> str:
     value = record.get(name) if isinstance(record, dict) else None
     if not isinstance(value, str):
-        raise ConfigError(f"{where}: no string field {name!r}; fix the record or set "
+        raise ConfigError(f"{where()}: no string field {name!r}; fix the record or set "
                           f"config.data.{setting} to the field that holds the text")
     return value
 
 
-def text_document(record: Any, data: ConfigDict, where: str) -> Document:
+# Each format: the record's fields it reads, and the document it makes of a record (`where` names
+# the record's place, for errors: it may cost a read, so it is called only then).
+def text_document(record: Any, data: ConfigDict, where: Callable[[], str]) -> Document:
     return _field(record, data.text_field, where, "text_field")
 
 
-def prompt_completion_document(record: Any, data: ConfigDict, where: str) -> Document:
+def prompt_completion_document(record: Any, data: ConfigDict, where: Callable[[], str]
+                               ) -> Document:
     return (_field(record, data.prompt_field, where, "prompt_field"),
             _field(record, data.completion_field, where, "completion_field"))
 
 
-# format -> (the record's fields it reads, record -> document)
 FORMATS: dict[str, tuple[Callable[[ConfigDict], list[str]], Callable[..., Document]]] = {
     "text": (lambda data: [data.text_field], text_document),
     "prompt_completion": (lambda data: [data.prompt_field, data.completion_field],
@@ -437,10 +439,11 @@ def _columns(schema_names: list[str], fields: list[str], file: str, data: Config
                           f"set config.data.{setting} to the column that holds the text")
 
 
-def _batch_records(batch, fields: list[str], where: str) -> Iterator[tuple[Any, Callable]]:
+def _batch_records(batch, fields: list[str], where: str, first_row: int = 0
+                   ) -> Iterator[tuple[Any, Callable]]:
     columns = [batch.column(f).to_pylist() for f in fields]
-    for row, values in enumerate(zip(*columns)):
-        yield dict(zip(fields, values)), (lambda row=row: f"{where} row {row}")
+    for row, values in enumerate(zip(*columns), first_row):
+        yield dict(zip(fields, values)), (lambda row=row: f"{where}row {row}")
 
 
 def _parquet_records(part: Part, data: ConfigDict) -> Iterator[tuple[Any, Callable]]:
@@ -452,12 +455,17 @@ def _parquet_records(part: Part, data: ConfigDict) -> Iterator[tuple[Any, Callab
         _columns(parquet.schema_arrow.names, fields, file, data)
         stop = parquet.metadata.num_row_groups if part.stop < 0 else part.stop
         for group in range(part.start, stop):
-            where = f"{file}:row-group {group}"
-            with _arrow_errors(file, f":row-group {group}"):
-                batches = list(parquet.iter_batches(row_groups=[group], columns=fields,
-                                                    batch_size=1 << 14))
-            for batch in batches:
-                yield from _batch_records(batch, fields, where)
+            where = f":row-group {group}"
+            with _arrow_errors(file, where):
+                batches = parquet.iter_batches(row_groups=[group], columns=fields, batch_size=1024)
+            rows = 0
+            while True:
+                with _arrow_errors(file, where):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                yield from _batch_records(batch, fields, f"{file}{where} ", rows)
+                rows += batch.num_rows
 
 
 def _arrow_batches(reader, is_file: bool) -> Iterator[Any]:
@@ -481,14 +489,14 @@ def _arrow_records(part: Part, data: ConfigDict) -> Iterator[tuple[Any, Callable
             raw.seek(0)
             reader = ipc.open_file(raw) if is_file else ipc.open_stream(raw)
         _columns(reader.schema.names, fields, file, data)
-        batches, index = _arrow_batches(reader, is_file), 0
+        batches, rows = _arrow_batches(reader, is_file), 0
         while True:
-            with _arrow_errors(file, f":record-batch {index}"):
+            with _arrow_errors(file, f" (after row {rows})"):
                 batch = next(batches, None)
             if batch is None:
                 return
-            yield from _batch_records(batch.select(fields), fields, f"{file}:record-batch {index}")
-            index += 1
+            yield from _batch_records(batch.select(fields), fields, f"{file}:", rows)
+            rows += batch.num_rows
 
 
 def parse_hub(path: str) -> tuple[str, dict[str, str]]:
@@ -530,7 +538,7 @@ def _hub_records(part: Part, data: ConfigDict) -> Iterator[tuple[Any, Callable]]
 
 def _builtin_records(part: Part, data: ConfigDict) -> Iterator[tuple[Any, Callable]]:
     for text in _BUILTINS[part.input.path[len(BUILTIN):]]():
-        yield {data.text_field: text}, lambda: part.input.path
+        yield {data.text_field: text}, lambda: part.input.path  # noqa: B023 (never an error)
 
 
 RECORDS = {"jsonl": lambda part, data: _jsonl_records(part), "parquet": _parquet_records,
@@ -541,12 +549,7 @@ def documents(part: Part, data: ConfigDict) -> Iterator[Document]:
     """The non-empty documents of a record file's part."""
     to_document = FORMATS[data.format][1]
     for record, where in RECORDS[part.input.kind](part, data):
-        try:
-            doc = to_document(record, data, "")
-        except ConfigError:
-            to_document(record, data, where())  # the error again, now with its place
-            raise
-        if doc:
+        if doc := to_document(record, data, where):
             yield doc
 
 

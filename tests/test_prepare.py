@@ -254,3 +254,37 @@ def test_a_bucket_corpus_prepared_into_the_bucket_by_workers_is_the_local_one(
     assert [s.window(0, len(s))["tokens"].tolist() for s in (remote.train, remote.val)] == \
         streams(tmp_path / "local")
     assert remote.tokenizer.to_json() == prepare.load(tmp_path / "local").tokenizer.to_json()
+
+
+def test_two_jax_processes_each_tokenize_a_share_into_exactly_the_shards_of_one(tmp_path,
+                                                                                monkeypatch):
+    from test_multihost import env, free_port
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(4):
+        write_jsonl(inputs / f"{i}.jsonl.gz", make_docs(15, seed=i), compress="gz")
+    monkeypatch.setattr(prepare, "TASK_BYTES", 100)  # a task per file
+    config = data_config(inputs, tokenizer="char", prepare_workers=1)
+    prepare.prepare(config, 0, tmp_path / "one")
+    port, out = free_port(), tmp_path / "two"
+    code = f"""
+import sys
+import jax
+jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                           process_id=int(sys.argv[1]))
+from lm import prepare
+from lm.config import default_config
+prepare.TASK_BYTES = 100
+config = default_config().data
+config.update(path="{inputs}", tokenizer="char", prepare_workers=1)
+config.prepared_dir = "{out}"
+prepare.prepared_data(config, 0, "unused")
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=ROOT, env=env(1),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "data: process 1 tokenized" in outputs[1] and "(2 of 4 tasks)" in outputs[1]
+    assert shard_bytes(out) == shard_bytes(tmp_path / "one")
