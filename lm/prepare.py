@@ -419,7 +419,8 @@ def load(directory: str | os.PathLike, cache_dir: str = "") -> Prepared:
 
     directory = fs.path(directory)
     meta = json.loads(fs.read_text(directory / "meta.json"))
-    _allow_open_files(sum(len(s["shards"]) + len(s["masks"] or []) for s in meta["splits"].values()))
+    _allow_open_files(sum(len(s["shards"]) + len(s["masks"] or [])
+                          for s in meta["splits"].values()))
 
     def stream(split: str) -> TokenStream:
         info = meta["splits"][split]
@@ -502,8 +503,9 @@ def _prepare_on_every_host(data: ConfigDict, seed: int, out: fs.Path,
         job.read_plan()
         job.fit_tokenizer()  # process 0's, from the work directory
     tokenized, seconds = job.run((index, count), data.prepare_workers, progress=index == 0)
-    print(f"data: process {index} tokenized {tokenized / 1e6:.1f} MB ({len(job.tasks[index::count])}"
-          f" of {len(job.tasks)} tasks) in {seconds:.1f}s", flush=True)
+    share = len(job.tasks[index::count])
+    print(f"data: process {index} tokenized {tokenized / 1e6:.1f} MB ({share} of {len(job.tasks)} "
+          f"tasks) in {seconds:.1f}s", flush=True)
     multihost_utils.sync_global_devices("lm.prepare: tasks")
     if index == 0:
         _summary(out, job.finish(), tokenized, seconds)

@@ -40,7 +40,7 @@ from lm.config import ConfigError
 
 BUILTIN = "builtin:"
 HUB = "hf:"
-PIECE_BYTES = 1 << 20   # text handed on at once: a longer document comes in pieces cut after a newline
+PIECE_BYTES = 1 << 20   # text handed on at once; a longer document comes in pieces cut after newlines
 KEY_BYTES = 1 << 16     # a document's first bytes: what names it (for the train/validation split)
 Example = tuple[str, str]  # (prompt, completion)
 Document = Union[str, Example]
@@ -116,6 +116,10 @@ def expand(path: str) -> list[str]:
             where = "" if fs.is_remote(part) else f" (cwd {os.getcwd()})"
             raise ConfigError(f"config.data.path={part!r} matches no files{where}; pass an "
                               f"existing file, directory or glob with --config.data.path")
+        if any(os.path.basename(f) == "dataset_dict.json" for f in matches):
+            raise ConfigError(f"config.data.path={part!r} holds a `datasets` DatasetDict (several "
+                              f"splits); pass the folder of the split to train on, e.g. "
+                              f"{part.rstrip('/')}/train")
         arrow_dirs = {os.path.dirname(f) for f in matches if f.endswith(".arrow")}
         files += [f for f in matches if not (os.path.basename(f) in ARROW_METADATA
                                              and os.path.dirname(f) in arrow_dirs)]

@@ -6,15 +6,16 @@ batches/s on those shards, and peak memory on corpora of two sizes.
 
 speed: one generated jsonl corpus, and a byte-level BPE (HuggingFace `tokenizers`) and a
 sentencepiece BPE model trained on a sample of it. Rows, each timed whole (reading, tokenizing,
-writing): `lm.prepare` with the HF tokenizer; the path most people take, `datasets.load_dataset` then
-`.map(batched=True, num_proc=<cores>)` with the same tokenizer, its ids written to one flat file as
+writing): `lm.prepare` with the HF tokenizer; the path most people take, `datasets.load_dataset`
+then `.map(batched=True, num_proc=<cores>)` with the same tokenizer, its ids written to one flat file as
 nanoGPT's openwebtext/prepare.py writes them (and checked equal to lm's); `lm.prepare` with the
 sentencepiece model. Then the loader's batches/s at GPT-2 small's shapes over lm's shards.
 
 memory: jsonl.gz files of generated documents (64 files per GB of text, made once and reused);
-`python -m lm.prepare` at the default settings (byte tokenizer: the tokenizer does not change what
-is buffered) on the first `--gigabytes` of them, its peak resident memory sampled over the whole
-process tree (it and its workers, summed), and the largest single process's peak (getrusage).
+`python -m lm.prepare` at the default settings (configs/default.py: the `char` tokenizer, fitted in
+a streaming pass, one worker per core) on the first `--gigabytes` of them, its peak resident memory
+sampled over the whole process tree (it and its workers, summed), and the largest single process's
+peak (getrusage).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def documents(seed: int, size: int):
     rng = np.random.default_rng(seed)
     letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
     vocab = ["".join(rng.choice(letters, rng.integers(1, 12), p=None)) for _ in range(30_000)]
-    vocab = np.array(vocab + [w.capitalize() + "." for w in vocab[:3000]] + ["\n\n", "ünï", "—"])
+    vocab += [w.capitalize() + "." for w in vocab[:3000]] + ["\n\n", "ünï", "—"]
+    vocab = np.array(vocab)
     produced = 0
     while produced < size:
         count = int(min(rng.lognormal(5.5, 1.2), 20_000)) + 1
@@ -253,7 +255,7 @@ def peak_memory(gigabytes: float, files: list[Path]) -> None:
     out = Path(_WORKDIR.value) / f"out_{gigabytes:g}gb"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "lm.prepare", "--config=configs/default.py",
-               f"--config.data.path={inputs}", "--config.data.tokenizer=byte", f"--out={out}"]
+               f"--config.data.path={inputs}", f"--out={out}"]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
