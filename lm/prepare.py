@@ -493,7 +493,8 @@ def _prepare_on_every_host(data: ConfigDict, seed: int, out: fs.Path,
     job = Preparation(data, seed, out, tokenizer)
     fresh = multihost_utils.broadcast_one_to_all(np.int32(index == 0 and job.up_to_date()))
     if int(fresh):
-        _console(f"data: reusing {out} (same inputs, tokenizer and data config)")
+        if index == 0:
+            _console(f"data: reusing {out} (same inputs, tokenizer and data config)")
         return
     if index == 0:
         job.plan()

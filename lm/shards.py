@@ -77,9 +77,13 @@ class Settings:
         return ConfigDict(self.data)
 
 
+def _join(directory: str, *names: str) -> str:
+    """A path in the work directory, local or in a bucket."""
+    return os.fspath(fs.path(directory).joinpath(*names))
+
+
 def marker_path(directory: str, task: Task) -> str:
-    return os.path.join(directory, "done", f"{task.name}.json") if not fs.is_remote(directory) \
-        else f"{directory}/done/{task.name}.json"
+    return _join(directory, "done", f"{task.name}.json")
 
 
 def read_marker(directory: str, task: Task) -> dict | None:
@@ -200,7 +204,7 @@ def run_task(task: Task, settings: Settings, tokenizer: tokenizers.Tokenizer) ->
         if fs.is_remote(directory):
             names = [f for s in marker["splits"].values() for f in s["shards"] + s["masks"]]
             for name in names + [f"{task.prefix}.counts.npy"]:
-                fs.upload(os.path.join(local, name), f"{directory}/{name}")
+                fs.upload(os.path.join(local, name), _join(directory, name))
         fs.write_text(marker_path(directory, task), json.dumps(marker))
         return marker
     finally:
@@ -209,8 +213,7 @@ def run_task(task: Task, settings: Settings, tokenizer: tokenizers.Tokenizer) ->
 
 
 def read_counts(directory: str, task: Task) -> np.ndarray:
-    path = (os.path.join(directory, f"{task.prefix}.counts.npy") if not fs.is_remote(directory)
-            else f"{directory}/{task.prefix}.counts.npy")
+    path = _join(directory, f"{task.prefix}.counts.npy")
     return np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False)
 
 

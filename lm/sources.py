@@ -24,9 +24,11 @@ import contextlib
 import dataclasses
 import functools
 import gzip
+import hashlib
 import io
 import json
 import os
+import sys
 import sysconfig
 import urllib.parse
 import zlib
@@ -167,8 +169,6 @@ def inputs(data: ConfigDict) -> list[Input]:
         if data.format != "text":
             raise ConfigError(f"config.data.path={path!r} is text, not {data.format} records; "
                               f"set config.data.format=text")
-        import hashlib
-        import sys
         # Its text is the Python version's: the version names it.
         version = hashlib.sha256(sys.version.encode()).hexdigest()[:16]
         return [Input(path, "builtin", "", 0, version)]
