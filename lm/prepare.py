@@ -4,9 +4,10 @@ training memory-maps; a killed preparation resumes.
     python -m lm.prepare --config=configs/quickstart.py --out=data/python_docs
     python -m lm.prepare ... --task_shard=3/8     # one of 8 independent preparers (SLURM array)
 
-The inputs are cut into tasks (`TASK_BYTES` of input each: files, or line-aligned ranges of a large
-plain file, or row groups of a parquet file). Each task streams its documents through a bounded
-buffer, tokenizes them in a worker process and writes shard files of its own, then its done marker;
+The inputs are cut into tasks (about `TASKS` of them, of 1 MiB to `TASK_BYTES` of input: files,
+line-aligned ranges of a large plain file, row groups of a parquet file). Each task streams its
+documents through a bounded buffer, tokenizes them in a worker process and writes shard files of
+its own, then its done marker;
 a rerun skips the tasks whose markers are there. When every task is done, one process writes the
 manifest, `meta.json`, which names the shards in order; no token data is copied. A prepared
 directory holds:

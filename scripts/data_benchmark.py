@@ -68,19 +68,26 @@ def documents(seed: int, size: int):
         yield doc
 
 
+def _make_file(path: Path, index: int, size: int) -> None:
+    if path.exists():
+        return
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in documents(index, size))
+    data = gzip.compress(lines.encode(), compresslevel=1) if path.suffix == ".gz" else lines.encode()
+    path.with_suffix(".partial").write_bytes(data)
+    path.with_suffix(".partial").rename(path)
+
+
 def make_corpus(directory: Path, total: int, compressed: bool) -> list[Path]:
-    """jsonl(.gz) files of FILE_BYTES of text each, made once (files already there are kept)."""
+    """jsonl(.gz) files of FILE_BYTES of text each, made once (files already there are kept), one
+    process per core."""
+    from concurrent.futures import ProcessPoolExecutor
+
     directory.mkdir(parents=True, exist_ok=True)
-    files = []
     size = min(FILE_BYTES, total)
-    for index in range((total + size - 1) // size):
-        path = directory / f"part-{index:04d}-{size}.jsonl{'.gz' if compressed else ''}"
-        if not path.exists():
-            lines = "".join(json.dumps({"text": d}) + "\n" for d in documents(index, size))
-            data = gzip.compress(lines.encode(), compresslevel=1) if compressed else lines.encode()
-            path.with_suffix(".partial").write_bytes(data)
-            path.with_suffix(".partial").rename(path)
-        files.append(path)
+    files = [directory / f"part-{i:04d}-{size}.jsonl{'.gz' if compressed else ''}"
+             for i in range((total + size - 1) // size)]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_make_file, files, range(len(files)), [size] * len(files)))
     return files
 
 
