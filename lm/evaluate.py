@@ -3,6 +3,8 @@
     python -m lm.evaluate --workdir=runs/quickstart --mode=perplexity [--data=FILES] [--stride=N]
     python -m lm.evaluate --workdir=runs/quickstart --mode=sample --prompt="def " \
         --max_length=100 --temperature=0.7 --num_return_sequences=3 --seed=0
+    python -m lm.evaluate --hf=gpt2 --mode=sample --prompt="Once upon a time" --max_length=100 \
+        --temperature=0.7 --num_return_sequences=3     # a HuggingFace hub model, imported once
 
 Sampling flags follow HuggingFace's `generate` (max_length counts the prompt's tokens; max_new_tokens
 does not and wins when both are given).
@@ -23,12 +25,15 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict
 
 from lm import compilation_cache
+from lm import tokenizer as tokenizers
 from lm.config import ConfigError, parse_flags
 from lm.metrics import console
 from lm.sampling import SamplingOptions
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir, or a checkpoint step "
                                "directory (workdir/checkpoints/N).")
+_HF = flags.DEFINE_string("hf", None, "Instead of --workdir: a HuggingFace hub model (gpt2, "
+                          "org/name@revision), imported once into the lm cache directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "sample"], "What to compute.")
 _FSDP = flags.DEFINE_integer("fsdp", 1, "Mesh fsdp size (the rest of the devices: data).")
@@ -98,7 +103,9 @@ def _prompts() -> list[str]:
 def _fit(run, prompt: str) -> tuple[str, int]:
     """(prompt, new tokens) within the context; a too-long prompt fails unless truncated."""
     context = run.model.cfg.context_length
-    ids = run.tokenizer.encode(prompt)
+    # For a model imported from HuggingFace, the prompt's tokens as transformers counts them.
+    ids = (tokenizers.prompt_ids(run.tokenizer, prompt)
+           if getattr(run.tokenizer, "hf_template", False) else run.tokenizer.encode(prompt))
     if _MAX_NEW.value is not None:
         new = _MAX_NEW.value
     elif _MAX_LENGTH.value is not None:
@@ -151,14 +158,16 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _WORKDIR.value:
-        sys.exit("error: --workdir is required (a training run's workdir or checkpoint directory)")
+    if bool(_WORKDIR.value) == bool(_HF.value):
+        sys.exit("error: pass --workdir (a training run's workdir or checkpoint directory) or --hf "
+                 "(a HuggingFace hub model such as gpt2), one of them")
     import lm
     compilation_cache.enable()
     try:
         if _MODE.value == "sample":
             _check_sampling_flags()  # before the model loads, which can take a while
-        run = lm.load(_WORKDIR.value, step=_STEP.value, fsdp=_FSDP.value, tensor=_TENSOR.value)
+        source = f"hf:{_HF.value}" if _HF.value else _WORKDIR.value
+        run = lm.load(source, step=_STEP.value, fsdp=_FSDP.value, tensor=_TENSOR.value)
         result = perplexity(run) if _MODE.value == "perplexity" else sample(run)
     except ConfigError as e:
         sys.exit(f"error: {e}")

@@ -2,6 +2,7 @@
 
     run.logits(token_ids)               numpy in, float32 numpy out
     run.generate(["Once upon"], max_new_tokens=50, temperature=0.7)
+    lm.load("hf:gpt2")                  a HuggingFace hub model, imported once and cached
     run.perplexity(["Some held-out text."]).perplexity
 """
 
@@ -62,7 +63,7 @@ class LoadedModel:
                 raise ValueError("streaming (on_text) needs a single prompt")
             on_token = _Streamer(self.tokenizer, on_text)
         model, params = self._decoding
-        ids = [tokenizers.document_ids(self.tokenizer, p) for p in prompts]
+        ids = [tokenizers.prompt_ids(self.tokenizer, p) for p in prompts]
         tokens = generate(model, params, ids, max_new_tokens,
                           options=SamplingOptions(temperature, top_k, top_p),
                           seed=seed, eos_id=self.tokenizer.eos_id, mesh=self.mesh,
@@ -132,7 +133,11 @@ def load(path: str | Path, *, step: int | None = None, fsdp: int = 1, tensor: in
          devices: Sequence[jax.Device] | None = None) -> LoadedModel:
     """The model, parameters and tokenizer of a workdir (latest checkpoint, or `step`) or of one
     checkpoint step directory, on a mesh of `devices` (default: all): `fsdp` and `tensor` as given,
-    the rest data-parallel."""
+    the rest data-parallel. `hf:NAME` (`hf:gpt2`, `hf:org/name@revision`) is a HuggingFace hub
+    model, imported once into the lm cache directory (lm.hf.cached_import)."""
+    if str(path).startswith("hf:"):
+        from lm import hf
+        path = hf.cached_import(str(path)[3:])
     workdir, step_dir = _workdir_and_step(Path(path).resolve(), step)
     config = ConfigDict(json.loads((workdir / "config.json").read_text()))
     config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor)

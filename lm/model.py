@@ -17,6 +17,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import ConfigDict
 
 from lm.config import ConfigError
@@ -36,8 +37,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: str = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     mlp: str = "gelu"
     use_bias: bool = True
+    qkv_bias: bool = False
     tie_embeddings: bool = True
     init_std: float = 0.02
     dtype: str = "float32"
@@ -158,11 +165,29 @@ def _residual_std(cfg: ModelConfig) -> float:
     return cfg.init_std / (2 * cfg.num_layers) ** 0.5
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The rotation per position of each pair of head dimensions, theta^(-2i/head_dim), rescaled
+    for a longer context than the model was pretrained with (config.model.rope_scaling):
+    `linear` divides every frequency by the factor (positions interpolated); `llama3` (Llama 3.1+)
+    divides only those whose wavelength exceeds original_context/low_freq_factor, keeps those
+    shorter than original_context/high_freq_factor (local order stays sharp), and blends linearly
+    in between. A constant of the config, computed in float64."""
+    half = cfg.head_dim // 2
+    freq = cfg.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        freq = freq / factor
+    elif cfg.rope_scaling == "llama3":
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        periods_in_context = cfg.rope_original_context * freq / (2 * np.pi)
+        keep = np.clip((periods_in_context - low) / (high - low), 0.0, 1.0)
+        freq = keep * freq + (1 - keep) * freq / factor
+    return freq.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Rotary embedding, half-split layout (as in HF LLaMA). x: [batch, length, heads, head_dim]."""
-    half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions[:, :, None, None].astype(jnp.float32) * freq
+    angle = positions[:, :, None, None].astype(jnp.float32) * rope_frequencies(cfg)
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -218,11 +243,15 @@ class Attention(nn.Module):
         """
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = Dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(x)
-        k = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(x)
-        v = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(x)
+        bias = cfg.use_bias or cfg.qkv_bias
+        q = Dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), use_bias=bias,
+                  name="query")(x)
+        k = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), use_bias=bias,
+                  name="key")(x)
+        v = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), use_bias=bias,
+                  name="value")(x)
         if cfg.position == "rope":
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+            q, k = rope(q, positions, cfg), rope(k, positions, cfg)
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
         k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_kv_heads", None))
 
