@@ -1,6 +1,7 @@
 """What the HuggingFace tests share: small random transformers models, their comparison with lm,
 a byte-level BPE trained here, and the binaries run as a user runs them. Nothing is downloaded."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import tokenizers as hf_tokenizers
 import torch
+import transformers
 
 from lm.model import Transformer
 
@@ -86,3 +88,32 @@ def token_ids(shape, seed=0):
     return np.random.default_rng(seed).integers(0, VOCAB, shape).astype(np.int32)
 
 
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=64)
+
+
+def llama3_tokenizer(tokenizer_file, out):
+    """The words' BPE as Llama 3 ships one: begin/end-of-text special tokens, and a template that
+    starts every text with <|begin_of_text|>."""
+    bpe = hf_tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    bpe.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])  # ids 300, 301
+    bpe.post_processor = hf_tokenizers.processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", 300)])
+    bpe.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def llama3_model(seed):
+    """Llama 3.2's layout in small: rope scaling `llama3` (wavelengths across all three of its
+    bands at head_dim 16), grouped-query attention 4:1, a tied head, stored in bfloat16."""
+    config = transformers.LlamaConfig(
+        vocab_size=304, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+        tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE, rms_norm_eps=1e-5,
+        bos_token_id=300, eos_token_id=301)
+    model = transformers.LlamaForCausalLM(config)
+    perturb(model, seed)
+    return model.to(torch.bfloat16).eval()

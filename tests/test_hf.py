@@ -24,8 +24,9 @@ transformers = pytest.importorskip("transformers")
 hf_tokenizers = pytest.importorskip("tokenizers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from hf_models import (LINES, ROOT, VOCAB, WORDS, hf_logits, last_line, lm_logits,  # noqa: E402
-                       next_token_loss, perturb, run, token_ids, train_briefly, train_bpe)
+from hf_models import (LINES, LLAMA3_ROPE, ROOT, VOCAB, WORDS, hf_logits, last_line,  # noqa: E402
+                       llama3_model, llama3_tokenizer, lm_logits, next_token_loss, perturb, run,
+                       token_ids, train_briefly, train_bpe)
 from trees import assert_trees_close  # noqa: E402
 
 import lm  # noqa: E402
@@ -83,37 +84,6 @@ def llama(tmp_path_factory):
     spm = tokenizers.train_sentencepiece([" ".join(WORDS)] * 50, vocab_size=290)
     (out / "tokenizer.model").write_bytes(spm.model_proto)
     return model, out
-
-
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
-                   high_freq_factor=4.0, original_max_position_embeddings=64)
-
-
-def llama3_tokenizer(tokenizer_file, out):
-    """The words' BPE as Llama 3 ships one: begin/end-of-text special tokens, and a template that
-    starts every text with <|begin_of_text|>."""
-    bpe = hf_tokenizers.Tokenizer.from_file(str(tokenizer_file))
-    bpe.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])  # ids 300, 301
-    bpe.post_processor = hf_tokenizers.processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", 300)])
-    bpe.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
-         "tokenizer_class": "PreTrainedTokenizerFast"}))
-
-
-def llama3_model(seed):
-    """Llama 3.2's layout in small: rope scaling `llama3` (wavelengths across all three of its
-    bands at head_dim 16), grouped-query attention 4:1, a tied head, stored in bfloat16."""
-    config = transformers.LlamaConfig(
-        vocab_size=304, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
-        tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE, rms_norm_eps=1e-5,
-        bos_token_id=300, eos_token_id=301)
-    model = transformers.LlamaForCausalLM(config)
-    perturb(model, seed)
-    return model.to(torch.bfloat16).eval()
 
 
 @pytest.fixture(scope="module")
