@@ -37,8 +37,8 @@ def default_config() -> ConfigDict:
     m.norm_eps = 1e-5           # added to the variance in the norms
     m.position = "learned"      # learned | rope
     m.rope_theta = 10000.0      # rope's base wavelength
-    # Rope frequencies stretched for a context longer than pretraining's (lm.model.rope_frequencies):
-    m.rope_scaling = "none"     # none | linear (all divided by the factor) | llama3 (Llama 3.1+)
+    m.rope_scaling = "none"     # none | linear | llama3 (Llama 3.1+): rope frequencies stretched
+                                # for a longer context than pretraining's (model.rope_frequencies)
     m.rope_scaling_factor = 1.0  # linear, llama3: how much longer the context is
     m.rope_low_freq_factor = 1.0   # llama3: wavelengths over original_context/this are divided fully
     m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original_context/this are kept
