@@ -70,6 +70,9 @@ def default_config() -> ConfigDict:
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
     d.read_threads = 0              # grain reader threads; 0 reads in the training thread, best for
                                     # local shards (page cache); raise it for slow or network disks
+    d.shard_cache_dir = "~/.cache/lm/shards"  # prepared shards in a bucket are copied here once
+                                    # (per object version) and memory-mapped; "": each window is a
+                                    # ranged read from the bucket (nothing stored locally)
 
     c.optim = o = ConfigDict()
     o.learning_rate = 1e-3      # peak, reached after warmup
@@ -189,6 +192,9 @@ def validate_data(data: ConfigDict) -> None:
     _check(0.0 <= data.val_fraction < 1.0,
            f"config.data.val_fraction={data.val_fraction} must be in [0, 1)")
     _check(data.read_threads >= 0, f"config.data.read_threads={data.read_threads} must be >= 0")
+    _check(re.match(r"[a-z][a-z0-9+.-]*://", data.shard_cache_dir) is None,
+           f"config.data.shard_cache_dir={data.shard_cache_dir!r} must be a local directory (a "
+           f"cache of bucket shards), or empty to read them by ranges")
     for name in ("text_field", "prompt_field", "completion_field"):
         _check(bool(data[name]), f"config.data.{name} is empty; name the jsonl field to read")
 

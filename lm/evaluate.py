@@ -19,12 +19,11 @@ if __name__ == "__main__":  # before the imports below, which a restart would pa
 
 import json
 import sys
-from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
-from lm import compilation_cache
+from lm import compilation_cache, fs
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, parse_flags
 from lm.metrics import console
@@ -94,9 +93,9 @@ def _prompts() -> list[str]:
     prompts = list(_PROMPT.value)
     if _PROMPTS_FILE.value:
         try:
-            prompts += Path(_PROMPTS_FILE.value).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--prompts_file={_PROMPTS_FILE.value}: cannot read it ({e})")
+            prompts += fs.read_text(_PROMPTS_FILE.value).splitlines()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--prompts_file={_PROMPTS_FILE.value}: not UTF-8 text ({e})")
     return prompts or [""]
 
 
@@ -169,10 +168,12 @@ def main(argv: list[str]) -> None:
         source = f"hf:{_HF.value}" if _HF.value else _WORKDIR.value
         run = lm.load(source, step=_STEP.value, fsdp=_FSDP.value, tensor=_TENSOR.value)
         result = perplexity(run) if _MODE.value == "perplexity" else sample(run)
+        if _OUTPUT.value:
+            fs.write_text(_OUTPUT.value, json.dumps(result, indent=2))
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    if _OUTPUT.value:
-        Path(_OUTPUT.value).write_text(json.dumps(result, indent=2))
+    except OSError as e:  # filesystem trouble outside the paths lm checks itself
+        sys.exit(f"error: {fs.explain(e, e.filename or _WORKDIR.value)}")
 
 
 def run() -> None:

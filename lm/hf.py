@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import struct
@@ -42,7 +43,7 @@ import ml_dtypes
 import numpy as np
 from ml_collections import ConfigDict
 
-from lm import hub
+from lm import fs, hub
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, default_config, validate_rope_scaling
 from lm.model import ModelConfig
@@ -54,11 +55,11 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "qwen2": QWEN2, "mistral": MISTRAL
 _INSTALL = "pip install tokenizers huggingface_hub (or pip install -e '.[hf]')"
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: fs.Path, what: str) -> dict:
+    if not fs.is_file(path):
+        raise ConfigError(f"{path} does not exist; {what}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist; {what}") from None
+        return json.loads(fs.read_text(path))
     except ValueError as e:
         raise ConfigError(f"{path} is not valid JSON ({e})") from None
 
@@ -384,16 +385,16 @@ def param_shapes(cfg: ModelConfig) -> Any:
 class _Tensor:
     name: str
     shape: tuple[int, ...]
-    file: Path
+    file: fs.Path
     load: Callable[[], np.ndarray]
 
 
-def _weight_files(hf_dir: Path) -> list[Path]:
+def _weight_files(hf_dir: fs.Path) -> list[fs.Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = hf_dir / index_name
-        if index.is_file():
+        if fs.is_file(index):
             files = sorted(set(_read_json(index, "").get("weight_map", {}).values()))
-            missing = [f for f in files if not (hf_dir / f).is_file()]
+            missing = [f for f in files if not fs.is_file(hf_dir / f)]
             if missing:
                 raise ConfigError(f"{index} names {missing[0]}, which does not exist "
                                   f"({len(missing)} of {len(files)} shards missing)")
@@ -401,7 +402,7 @@ def _weight_files(hf_dir: Path) -> list[Path]:
                 raise ConfigError(f"{index} has no weight_map")
             return [hf_dir / f for f in files]
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if (hf_dir / name).is_file():
+        if fs.is_file(hf_dir / name):
             return [hf_dir / name]
     raise ConfigError(f"{hf_dir} has no weights: expected model.safetensors, "
                       f"model.safetensors.index.json (sharded) or pytorch_model.bin")
@@ -413,47 +414,66 @@ _SAFETENSORS_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
 _DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
-def _safetensors_header(file: Path) -> tuple[dict, int]:
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+def _safetensors_header(file: fs.Path) -> tuple[dict, int]:
     """(the header's tensor entries, where the data starts) of a safetensors file: an 8-byte
     little-endian length, then that much JSON naming each tensor's dtype, shape and byte range."""
     try:
-        with open(file, "rb") as f:
+        with fs.errors(file), fs.path(file).open("rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            if length > file.stat().st_size:
-                raise ValueError(f"a header of {length} bytes in a smaller file")
+            if length > _MAX_HEADER:
+                raise ValueError(f"a header of {length} bytes")
             header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error) as e:
+    except (ValueError, struct.error) as e:
         raise ConfigError(f"{file} is not a readable safetensors file ({e})") from None
     header.pop("__metadata__", None)
     return header, 8 + length
 
 
-def _safetensors_tensors(file: Path) -> Iterator[_Tensor]:
+def _read_at(f: Any, file: fs.Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]
+             ) -> np.ndarray:
+    """One tensor's bytes, read straight into a new array (a ranged read from a bucket)."""
+    data = np.empty(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, np.uint8)
+    f.seek(offset)
+    if f.readinto(data) != data.size:
+        raise ConfigError(f"{file} ends inside a tensor: a truncated safetensors file")
+    return data.view(dtype).reshape(shape)
+
+
+def _safetensors_tensors(file: fs.Path) -> Iterator[_Tensor]:
     header, start = _safetensors_header(file)
-    for name, entry in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ConfigError(f"{file}: tensor {name} has dtype {entry['dtype']}; lm reads "
-                              f"{', '.join(_SAFETENSORS_DTYPES)}")
-        shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - begin != count * dtype.itemsize:
-            raise ConfigError(f"{file}: tensor {name}'s byte range does not fit its shape {shape}")
-        yield _Tensor(name, shape, file, lambda dtype=dtype, count=count, at=start + begin,
-                      shape=shape: np.fromfile(file, dtype, count, offset=at).reshape(shape))
+    with fs.errors(file), fs.path(file).open("rb") as f:
+        for name, entry in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ConfigError(f"{file}: tensor {name} has dtype {entry['dtype']}; lm reads "
+                                  f"{', '.join(_SAFETENSORS_DTYPES)}")
+            shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise ConfigError(f"{file}: tensor {name}'s byte range does not fit its shape "
+                                  f"{list(shape)}")
+            yield _Tensor(name, shape, file, lambda dtype=dtype, at=start + begin, shape=shape:
+                          _read_at(f, file, at, dtype, shape))
 
 
-def _torch_tensors(file: Path) -> Iterator[_Tensor]:
+def _torch_tensors(file: fs.Path) -> Iterator[_Tensor]:
+    with fs.local_file(file) as local:  # torch memory-maps a local file
+        yield from _torch_file_tensors(file, local)
+
+
+def _torch_file_tensors(file: fs.Path, local: str) -> Iterator[_Tensor]:
     try:
         import torch
     except ImportError:
         raise ConfigError(f"{file} is a PyTorch pickle: reading it needs torch (pip install "
                           f"torch), or convert the checkpoint to safetensors") from None
     try:  # memory-mapped, so tensors are read as they are converted
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         try:  # the pre-zip format cannot be memory-mapped
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"{file} cannot be read by torch.load ({reason})") from None
@@ -468,13 +488,13 @@ def _torch_tensors(file: Path) -> Iterator[_Tensor]:
     del state
 
 
-def _tensors(files: list[Path]) -> Iterator[_Tensor]:
+def _tensors(files: list[fs.Path]) -> Iterator[_Tensor]:
     for file in files:
         yield from (_safetensors_tensors(file) if file.suffix == ".safetensors"
                     else _torch_tensors(file))
 
 
-def _checkpoint_dtype(files: list[Path], hf: dict) -> str:
+def _checkpoint_dtype(files: list[fs.Path], hf: dict) -> str:
     """The dtype lm keeps the parameters in: bfloat16 when the checkpoint's floating tensors all
     are, else float32 (which holds float16 exactly). safetensors say so in their headers; for
     pickles, config.json's `dtype` (`torch_dtype` before transformers 5) is trusted."""
@@ -493,7 +513,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nd
     return raw[start:start + size].view(dtype).reshape(shape)
 
 
-def _read_params(hf_dir: Path, arch: str, cfg: ModelConfig) -> Any:
+def _read_params(hf_dir: fs.Path, arch: str, cfg: ModelConfig) -> Any:
     shapes = param_shapes(cfg)
     import jax
 
@@ -528,15 +548,15 @@ def _read_params(hf_dir: Path, arch: str, cfg: ModelConfig) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Import.
 
-def _import_tokenizer(hf_dir: Path, source: str | Path | None) -> Any:
+def _import_tokenizer(hf_dir: fs.Path, source: str | os.PathLike | None) -> Any:
     """The HF folder's tokenizer (tokenizer.json, else GPT-2-era vocab.json + merges.txt, else a
     sentencepiece tokenizer.model), or `source`'s; None when there is none. A HuggingFace one
     encodes prompts as transformers does (tokenizer.HuggingFaceTokenizer.hf_template)."""
-    path = Path(source) if source else hf_dir
-    if path.is_dir():
-        if (path / "tokenizer.json").is_file() or (path / "merges.txt").is_file():
+    path = fs.path(source) if source else hf_dir
+    if fs.is_dir(path):
+        if fs.is_file(path / "tokenizer.json") or fs.is_file(path / "merges.txt"):
             return tokenizers.HuggingFaceTokenizer.from_pretrained(path, hf_template=True)
-        if (path / "tokenizer.model").is_file():
+        if fs.is_file(path / "tokenizer.model"):
             return tokenizers.SentencePieceTokenizer.from_file(path / "tokenizer.model")
         if source:
             raise ConfigError(f"--tokenizer={source} holds no tokenizer.json, vocab.json + "
@@ -547,20 +567,21 @@ def _import_tokenizer(hf_dir: Path, source: str | Path | None) -> Any:
     return tokenizers.load(path)
 
 
-def local_folder(hf_dir: str | Path) -> Path:
-    """A transformers folder as given, or a hub name's snapshot (downloaded if need be)."""
-    if hub.is_hub_name(hf_dir):
-        return hub.download(str(hf_dir))
-    if not Path(hf_dir).is_dir():
+def local_folder(hf_dir: str | os.PathLike) -> fs.Path:
+    """A transformers folder as given (local or in a bucket), or a hub name's snapshot
+    (downloaded if need be)."""
+    if not fs.is_remote(hf_dir) and hub.is_hub_name(hf_dir):
+        return fs.path(hub.download(os.fspath(hf_dir)))
+    if not fs.is_dir(hf_dir):
         raise ConfigError(f"--hf_dir={hf_dir} is not a directory nor a hub name (org/name@revision)")
-    return Path(hf_dir)
+    return fs.path(hf_dir)
 
 
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
-def import_checkpoint(hf_dir: str | Path, workdir: str | Path, *,
-                      tokenizer: str | Path | None = None, scan_layers: bool = True,
+def import_checkpoint(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *,
+                      tokenizer: str | os.PathLike | None = None, scan_layers: bool = True,
                       dtype: str | None = None) -> ConfigDict:
     """Convert a transformers folder or hub model (`gpt2`, `org/name@revision`) into an lm workdir;
     returns its run config.
@@ -568,9 +589,12 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path, *,
     `tokenizer` (a tokenizer.json, a folder, or a sentencepiece .model) replaces the folder's own.
     `dtype` (float32 or bfloat16) stores the parameters so; default: the checkpoint's.
     """
+    from lm import checkpoint
+
     if dtype not in (None, *PARAM_DTYPES):
         raise ConfigError(f"--dtype={dtype} is not one of {', '.join(PARAM_DTYPES)}")
-    hf_dir, workdir = local_folder(hf_dir), Path(workdir)
+    checkpoint.check_directory(workdir)
+    hf_dir, workdir = local_folder(hf_dir), fs.path(workdir)
     hf = _read_json(hf_dir / "config.json",
                     "pass a folder written by transformers' save_pretrained")
     arch = _architecture(hf)
@@ -579,7 +603,7 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path, *,
     except KeyError as e:
         raise ConfigError(f"{hf_dir / 'config.json'}: {arch} config lacks {e.args[0]!r}") from None
     checkpoints = workdir / "checkpoints"
-    if checkpoints.exists() and any(checkpoints.iterdir()):
+    if fs.listdir(checkpoints):
         raise ConfigError(f"{workdir} already has checkpoints; import into a new --workdir")
 
     config = default_config()
@@ -594,13 +618,13 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path, *,
                           f"{cfg.vocab_size}; pass the model's own tokenizer")
     params = _read_params(hf_dir, arch, cfg)
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(workdir)
     if tok is not None:
         tokenizers.save(tok, workdir / "tokenizer.json")
-        config.data.tokenizer = str((workdir / "tokenizer.json").resolve())
+        config.data.tokenizer = os.fspath(fs.absolute(workdir / "tokenizer.json"))
     else:
         config.data.tokenizer = ""  # a run must name one: --config.data.tokenizer=...
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    fs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     _save_params(params, checkpoints)
     return config
 
@@ -641,7 +665,7 @@ def cached_import(name: str, *, log: Callable[[str], None] | None = None) -> Pat
 _SAVE_IN_FLIGHT_BYTES = 256 * 2**20
 
 
-def _save_params(params: Any, checkpoints: Path, step: int = 0) -> None:
+def _save_params(params: Any, checkpoints: fs.Path, step: int = 0) -> None:
     """`checkpoints/<step>/params`, written as a run's checkpoint manager writes it (without the
     optimizer and data state, which a run's resume passes over)."""
     import jax
@@ -655,8 +679,8 @@ def _save_params(params: Any, checkpoints: Path, step: int = 0) -> None:
     in_flight = max([_SAVE_IN_FLIGHT_BYTES] + [x.nbytes for x in jax.tree.leaves(params)])
     handler = ocp.StandardCheckpointHandler(save_concurrent_gb=(in_flight + 2**20) / 1e9)
     try:
-        with ocp.CheckpointManager(checkpoints.resolve(),
-                                   item_handlers={"params": handler}) as manager:
+        with fs.errors(checkpoints), ocp.CheckpointManager(
+                fs.absolute(checkpoints), item_handlers={"params": handler}) as manager:
             # As host jax arrays (sharing aligned numpy buffers): orbax writes them ~3x faster.
             params = jax.device_put(params, jax.devices("cpu")[0])
             manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
@@ -668,9 +692,9 @@ def _save_params(params: Any, checkpoints: Path, step: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------
 # Export.
 
-def load_run_config(workdir: str | Path) -> ConfigDict:
+def load_run_config(workdir: str | os.PathLike) -> ConfigDict:
     """A workdir's config.json over today's defaults (fields it lacks keep their defaults)."""
-    saved = _read_json(Path(workdir) / "config.json", "pass a workdir that lm.train or "
+    saved = _read_json(fs.path(workdir) / "config.json", "pass a workdir that lm.train or "
                        "lm.hf import wrote")
     config = default_config()
 
@@ -700,7 +724,7 @@ def _nbytes(entry: _Entry) -> int:
     return int(np.prod(entry[1], dtype=np.int64)) * entry[2].itemsize
 
 
-def _write_safetensors(path: Path, entries: list[_Entry]) -> None:
+def _write_safetensors(path: fs.Path, entries: list[_Entry]) -> None:
     """safetensors, written one tensor at a time."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for entry in entries:
@@ -710,7 +734,7 @@ def _write_safetensors(path: Path, entries: list[_Entry]) -> None:
         offset += _nbytes(entry)
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
+    with fs.errors(path), path.open("wb") as f:  # streamed in parts to a bucket
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for name, shape, dtype, make in entries:
@@ -746,13 +770,14 @@ def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
     return shards
 
 
-def _write_weights(hf_dir: Path, entries: list[_Entry], max_shard_size: str | int) -> None:
+def _write_weights(hf_dir: fs.Path, entries: list[_Entry], max_shard_size: str | int) -> None:
     """model.safetensors, or model-0000i-of-0000N.safetensors shards and the
     model.safetensors.index.json that names each tensor's shard. Weights an earlier export left in
     the folder go first, so that transformers cannot mix them in."""
-    for stale in [*hf_dir.glob("model-*-of-*.safetensors"), hf_dir / "model.safetensors",
-                  hf_dir / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
+    for stale in fs.listdir(hf_dir):
+        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json",
+                        stale.name):
+            fs.remove_tree(stale)
     shards = _shards(entries, parse_size(max_shard_size))
     if len(shards) == 1:
         _write_safetensors(hf_dir / "model.safetensors", entries)
@@ -763,13 +788,14 @@ def _write_weights(hf_dir: Path, entries: list[_Entry], max_shard_size: str | in
         _write_safetensors(hf_dir / name, shard)
         weight_map.update({entry[0]: name for entry in shard})
     index = {"metadata": {"total_size": sum(map(_nbytes, entries))}, "weight_map": weight_map}
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    fs.write_text(hf_dir / "model.safetensors.index.json", json.dumps(index, indent=2))
 
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def export_checkpoint(workdir: str | Path, hf_dir: str | Path, step: int | None = None, *,
+def export_checkpoint(workdir: str | os.PathLike, hf_dir: str | os.PathLike,
+                      step: int | None = None, *,
                       dtype: str | None = None, max_shard_size: str | int = "5GB") -> str:
     """Write a workdir's checkpoint (the latest, or `step`) as a transformers folder that
     `AutoModelForCausalLM.from_pretrained(hf_dir)` loads; returns the architecture's name.
@@ -782,14 +808,14 @@ def export_checkpoint(workdir: str | Path, hf_dir: str | Path, step: int | None 
     if dtype not in (None, *EXPORT_DTYPES):
         raise ConfigError(f"--dtype={dtype} is not one of {', '.join(EXPORT_DTYPES)}")
     parse_size(max_shard_size)  # before any work
-    workdir, hf_dir = Path(workdir), Path(hf_dir)
+    workdir, hf_dir = fs.path(workdir), fs.path(hf_dir)
     config = load_run_config(workdir)
     tok = (tokenizers.load(workdir / "tokenizer.json")
-           if (workdir / "tokenizer.json").is_file() else None)
+           if fs.is_file(workdir / "tokenizer.json") else None)
     cfg = _run_model_config(config, tok)
     arch = _export_architecture(cfg)
     source = workdir if step is None else workdir / "checkpoints" / str(step)
-    if step is not None and not source.is_dir():
+    if step is not None and not fs.is_dir(source):
         raise ConfigError(f"{source} does not exist; --step must name a saved checkpoint")
     # Onto one host device, whatever mesh the run saved from.
     import jax
@@ -807,27 +833,27 @@ def export_checkpoint(workdir: str | Path, hf_dir: str | Path, step: int | None 
             make = (lambda rule=rule, layer=layer:
                     rule.to_hf(*(params.get(p, layer) for p in rule.lm)))
             entries.append((rule.hf.format(i=layer), rule.hf_shape, weights, make))
-    hf_dir.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(hf_dir)
     _write_weights(hf_dir, entries, max_shard_size)
     hf = _hf_config(cfg, arch, tok)
     hf["dtype"] = weights.name
-    (hf_dir / "config.json").write_text(json.dumps(hf, indent=2))
+    fs.write_text(hf_dir / "config.json", json.dumps(hf, indent=2))
     generation = {k: v for k, v in hf.items() if k.endswith("_token_id") and v is not None}
     if "eos_token_id" in generation:
-        (hf_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        fs.write_text(hf_dir / "generation_config.json", json.dumps(generation, indent=2))
     _export_tokenizer(tok, cfg, hf_dir)
     return arch
 
 
-def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: Path) -> None:
+def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: fs.Path) -> None:
     if isinstance(tok, tokenizers.HuggingFaceTokenizer):
-        (hf_dir / "tokenizer.json").write_text(tok.spec, encoding="utf-8")
+        fs.write_text(hf_dir / "tokenizer.json", tok.spec)
         tokens = {f"{key}_token": tok.id_to_token(getattr(tok, f"{key}_id"))
                   for key in ("bos", "eos", "pad") if getattr(tok, f"{key}_id") >= 0}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens,
                   "model_max_length": cfg.context_length}
     elif isinstance(tok, tokenizers.SentencePieceTokenizer):
-        (hf_dir / "tokenizer.model").write_bytes(tok.model_proto)
+        fs.write_bytes(hf_dir / "tokenizer.model", tok.model_proto)
         sp = tok._sp
         tokens = {f"{key}_token": sp.id_to_piece(getattr(tok, f"{key}_id"))
                   for key in ("bos", "eos", "pad") if getattr(tok, f"{key}_id") >= 0}
@@ -840,7 +866,7 @@ def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: Path) -> None:
                   "model_max_length": cfg.context_length}
     else:
         return
-    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    fs.write_text(hf_dir / "tokenizer_config.json", json.dumps(config, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,7 +900,7 @@ def main(argv: list[str]) -> None:
             if not config.data.tokenizer:
                 print(f"warning: {f.hf_dir} has no tokenizer.json or tokenizer.model; pass "
                       f"--tokenizer=PATH, or set --config.data.tokenizer when training")
-            elif tokenizers.load(Path(f.workdir) / "tokenizer.json").eos_id < 0:
+            elif tokenizers.load(fs.path(f.workdir) / "tokenizer.json").eos_id < 0:
                 print("warning: the tokenizer names no end-of-text token (its tokenizer_config.json "
                       "has no eos_token), which lm's training data needs between documents")
         else:
@@ -884,6 +910,8 @@ def main(argv: list[str]) -> None:
                   f"{time.perf_counter() - start:.1f}s")
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # filesystem trouble outside the paths lm checks itself
+        sys.exit(f"error: {fs.explain(e, e.filename or f.workdir)}")
 
 
 if __name__ == "__main__":

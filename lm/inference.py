@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from pathlib import Path
+import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from lm import checkpoint, sharding
+from lm import checkpoint, fs, sharding
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError
 from lm.model import ModelConfig, Transformer
@@ -109,15 +109,15 @@ def _cut(text: str, stop: Sequence[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def _workdir_and_step(path: Path, step: int | None) -> tuple[Path, Path]:
+def _workdir_and_step(path: fs.Path, step: int | None) -> tuple[fs.Path, fs.Path]:
     """(workdir, checkpoint step directory) for a workdir or a step directory, latest if no step."""
-    if (path / "params").is_dir() and path.parent.name == "checkpoints":
+    if path.parent.name == "checkpoints" and fs.is_dir(path / "params"):
         return path.parent.parent, path
-    if not (path / "config.json").is_file():
+    if not fs.is_file(path / "config.json"):
         raise ConfigError(f"{path} is not a run's workdir (no config.json) nor a checkpoint step "
                           f"directory; pass the --workdir a training run wrote")
-    steps = sorted(int(p.name) for p in (path / "checkpoints").glob("*")
-                   if p.name.isdigit() and (p / "params").is_dir())
+    steps = sorted(int(p.name) for p in fs.listdir(path / "checkpoints")
+                   if p.name.isdigit() and fs.is_dir(p / "params"))
     if not steps:
         raise ConfigError(f"{path} has no checkpoint yet; train it first, or wait for its first "
                           f"save (config.train.checkpoint_every)")
@@ -129,17 +129,18 @@ def _workdir_and_step(path: Path, step: int | None) -> tuple[Path, Path]:
     return path, path / "checkpoints" / str(step)
 
 
-def load(path: str | Path, *, step: int | None = None, fsdp: int = 1, tensor: int = 1,
+def load(path: str | os.PathLike, *, step: int | None = None, fsdp: int = 1, tensor: int = 1,
          devices: Sequence[jax.Device] | None = None) -> LoadedModel:
     """The model, parameters and tokenizer of a workdir (latest checkpoint, or `step`) or of one
     checkpoint step directory, on a mesh of `devices` (default: all): `fsdp` and `tensor` as given,
     the rest data-parallel. `hf:NAME` (`hf:gpt2`, `hf:org/name@revision`) is a HuggingFace hub
     model, imported once into the lm cache directory (lm.hf.cached_import)."""
-    if str(path).startswith("hf:"):
+    if os.fspath(path).startswith("hf:"):
         from lm import hf
-        path = hf.cached_import(str(path)[3:])
-    workdir, step_dir = _workdir_and_step(Path(path).resolve(), step)
-    config = ConfigDict(json.loads((workdir / "config.json").read_text()))
+        path = hf.cached_import(os.fspath(path)[3:])
+    checkpoint.check_directory(path)
+    workdir, step_dir = _workdir_and_step(fs.absolute(path), step)
+    config = ConfigDict(json.loads(fs.read_text(workdir / "config.json")))
     config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor)
     tokenizer = tokenizers.load(workdir / "tokenizer.json")
     mesh = sharding.make_mesh(config, devices)

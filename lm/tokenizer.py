@@ -12,15 +12,15 @@ Train a sentencepiece model from the shell:
 from __future__ import annotations
 
 import base64
-import glob
 import json
+import os
 import sys
-from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from lm import fs
 from lm.config import ConfigError
 
 EOS = "<eos>"
@@ -108,11 +108,11 @@ class SentencePieceTokenizer:
         self.eos_id, self.bos_id, self.pad_id = self._sp.eos_id(), self._sp.bos_id(), self._sp.pad_id()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> SentencePieceTokenizer:
-        if not Path(path).is_file():
+    def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+        if not fs.is_file(path):
             raise ConfigError(f"sentencepiece model {path} does not exist; train one with "
                               f"`python -m lm.tokenizer` or use config.data.tokenizer=train:N")
-        return cls(Path(path).read_bytes())
+        return cls(fs.read_bytes(path))
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), dtype=np.int32)
@@ -182,7 +182,7 @@ class HuggingFaceTokenizer:
         self.hf_template = hf_template
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, hf_template: bool = False
+    def from_pretrained(cls, path: str | os.PathLike, *, hf_template: bool = False
                         ) -> HuggingFaceTokenizer:
         """A tokenizer.json file, or a directory holding one (or GPT-2-era vocab.json and
         merges.txt, converted as transformers converts them); its special tokens come from the
@@ -191,16 +191,16 @@ class HuggingFaceTokenizer:
 
         `hf_template`: encode prompts as transformers' AutoTokenizer does, its add_bos_token and
         add_eos_token (tokenizer_config.json) applied over tokenizer.json's template."""
-        path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if path.is_dir() and not file.is_file() and (path / "merges.txt").is_file():
-            tokenizer = cls(_byte_level_bpe(path))
-        elif not file.is_file():
+        path = fs.path(path)
+        file = path / "tokenizer.json" if fs.is_dir(path) else path
+        if file.name == "tokenizer.json" and not fs.is_file(file) and fs.is_file(
+                file.parent / "merges.txt"):
+            tokenizer = cls(_byte_level_bpe(file.parent))
+        elif not fs.is_file(file):
             raise ConfigError(f"{file} does not exist")
         else:
-            spec = file.read_text(encoding="utf-8")
             try:
-                tokenizer = cls(spec)
+                tokenizer = cls(fs.read_text(file))
             except Exception as e:  # the tokenizers library's parse error
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ConfigError(f"{file} is not a HuggingFace tokenizer.json ({reason})") from None
@@ -215,7 +215,7 @@ class HuggingFaceTokenizer:
             ids.get(k, -1) for k in ("bos", "eos", "pad"))
         return tokenizer
 
-    def _apply_transformers_template(self, directory: Path) -> None:
+    def _apply_transformers_template(self, directory: fs.Path) -> None:
         """transformers replaces tokenizer.json's template when tokenizer_config.json sets
         add_bos_token or add_eos_token (TokenizersBackend.update_post_processor): so does this."""
         config = _read_json_or_empty(directory / "tokenizer_config.json")
@@ -267,10 +267,12 @@ class HuggingFaceTokenizer:
                 "eos_id": self.eos_id, "pad_id": self.pad_id, "hf_template": self.hf_template}
 
 
-def _read_json_or_empty(path: Path) -> dict:
+def _read_json_or_empty(path: fs.Path) -> dict:
+    if not fs.is_file(path):
+        return {}
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        spec = json.loads(fs.read_text(path))
+    except ValueError:
         return {}
     return spec if isinstance(spec, dict) else {}
 
@@ -281,18 +283,18 @@ def _token_name(token) -> str | None:
     return token if isinstance(token, str) else None
 
 
-def _byte_level_bpe(directory: Path) -> str:
+def _byte_level_bpe(directory: fs.Path) -> str:
     """GPT-2-era vocab.json + merges.txt as a tokenizer.json, built as transformers' GPT2Tokenizer
     builds it: byte-level BPE, and as special tokens those tokenizer_config.json names (GPT-2's
     <|endoftext|> by default) and its added tokens."""
     tk = _hf_tokenizers()
-    try:
-        vocab, merges = tk.models.BPE.read_file(str(directory / "vocab.json"),
-                                                str(directory / "merges.txt"))
-    except Exception as e:
-        raise ConfigError(f"{directory}: vocab.json and merges.txt cannot be read as a BPE "
-                          f"tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                          ) from None
+    vocab = _read_json_or_empty(directory / "vocab.json")
+    # A merge a line, "#version" first in most files
+    merges = [tuple(line.split()) for line in fs.read_text(directory / "merges.txt").splitlines()
+              if line.strip() and not line.startswith("#version")]
+    if not vocab or any(len(merge) != 2 for merge in merges):
+        raise ConfigError(f"{directory}: vocab.json and merges.txt are not a BPE tokenizer (a "
+                          f"vocab.json mapping tokens to ids, and merges.txt lines of two tokens)")
     config = {**_read_json_or_empty(directory / "special_tokens_map.json"),
               **_read_json_or_empty(directory / "tokenizer_config.json")}
     tok = tk.Tokenizer(tk.models.BPE(vocab, merges, continuing_subword_prefix="",
@@ -309,7 +311,7 @@ def _byte_level_bpe(directory: Path) -> str:
     return tok.to_str()
 
 
-def _special_ids(directory: Path, tok, vocab_size: int) -> dict[str, int]:
+def _special_ids(directory: fs.Path, tok, vocab_size: int) -> dict[str, int]:
     """bos/eos/pad ids named by the HuggingFace files in `directory`, first file first."""
     def read(name: str) -> dict:
         return _read_json_or_empty(directory / name)
@@ -394,17 +396,16 @@ def from_json(spec: dict) -> Tokenizer:
     return CharTokenizer(spec["chars"]) if spec["type"] == "char" else ByteTokenizer()
 
 
-def save(tokenizer: Tokenizer, path: Path) -> None:
-    Path(path).write_text(json.dumps(tokenizer.to_json(), ensure_ascii=False))
+def save(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+    fs.write_text(path, json.dumps(tokenizer.to_json(), ensure_ascii=False))
 
 
-def load(path: str | Path) -> Tokenizer:
+def load(path: str | os.PathLike) -> Tokenizer:
     """An lm tokenizer.json; a HuggingFace tokenizer.json (no "type" field) is wrapped as is."""
-    path = Path(path)
-    if not path.is_file():
+    if not fs.is_file(path):
         raise ConfigError(f"tokenizer {path} does not exist")
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec = json.loads(fs.read_text(path))
     except ValueError as e:
         raise ConfigError(f"tokenizer {path} is not JSON ({e})") from None
     if isinstance(spec, dict) and "type" not in spec and "model" in spec:
@@ -416,20 +417,20 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     f = flags.FLAGS
-    files = sorted(p for pattern in f.input for p in glob.glob(pattern, recursive=True))
-    if not files:
-        sys.exit(f"error: --input={','.join(f.input)} matches no files")
-    texts = (Path(p).read_text(encoding="utf-8", errors="replace") for p in files)
-    print(f"training a {f.model_type} model of {f.vocab_size} pieces on {len(files)} files "
-          f"(at most {f.max_sentences:,} lines, sampled)", flush=True)
     try:
+        files = sorted(p for pattern in f.input for p in fs.expand(pattern))
+        if not files:
+            raise ConfigError(f"--input={','.join(f.input)} matches no files")
+        texts = (fs.read_bytes(p).decode("utf-8", errors="replace") for p in files)
+        print(f"training a {f.model_type} model of {f.vocab_size} pieces on {len(files)} files "
+              f"(at most {f.max_sentences:,} lines, sampled)", flush=True)
         tokenizer = train_sentencepiece(texts, f.vocab_size, f.model_type, f.character_coverage,
                                         f.user_defined_symbols, f.max_sentences, verbose=True)
+        out = fs.path(f.model_prefix + ".model")
+        fs.makedirs(out.parent)
+        fs.write_bytes(out, tokenizer.model_proto)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    out = Path(f.model_prefix + ".model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(tokenizer.model_proto)
     print(f"wrote {out}: vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos "
           f"{tokenizer.eos_id}, pad {tokenizer.pad_id}; use it with "
           f"--config.data.tokenizer={out}")
