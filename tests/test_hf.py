@@ -31,7 +31,7 @@ from hf_models import (LINES, LLAMA3_ROPE, ROOT, VOCAB, WORDS, hf_logits, last_l
 from trees import assert_trees_close  # noqa: E402
 
 import lm  # noqa: E402
-from lm import hf  # noqa: E402
+from lm import fs, hf  # noqa: E402
 from lm import tokenizer as tokenizers  # noqa: E402
 from lm.checkpoint import Checkpointer, restore_params  # noqa: E402
 from lm.config import ConfigError, default_config  # noqa: E402
@@ -301,6 +301,15 @@ def test_export_shards_weights_over_max_shard_size_as_transformers_does(imports,
     ids = token_ids((2, 24), seed=3)
     np.testing.assert_allclose(hf_logits(loaded, ids), hf_logits(model, ids), atol=1e-5, rtol=0)
     hf.import_checkpoint(out, tmp_path / "again")
+    assert_trees_close(restore_params(tmp_path / "again", hf.param_shapes(cfg)), params)
+
+
+def test_a_sharded_export_into_a_bucket_imports_back_by_ranged_reads(imports, gcs_server, tmp_path):
+    _, _, workdir, cfg, params = imports("llama3")
+    hf.export_checkpoint(workdir, "gs://bucket/llama3", max_shard_size="40KB")
+    names = {p.name for p in fs.listdir("gs://bucket/llama3")}
+    assert "model.safetensors.index.json" in names and "model.safetensors" not in names
+    hf.import_checkpoint("gs://bucket/llama3", tmp_path / "again")
     assert_trees_close(restore_params(tmp_path / "again", hf.param_shapes(cfg)), params)
 
 
