@@ -20,10 +20,11 @@ window, within which the window never acts). Anything else, or an option lm's mo
 Parameters keep the checkpoint's dtype (bfloat16 stays bfloat16; float16, which lm does not store,
 becomes float32) unless `--dtype` says otherwise.
 
-Tensors are read one at a time (safetensors by their header's offsets, torch's mmap for
-pytorch_model.bin) into preallocated layer-stacked arrays, and export writes safetensors one tensor
-at a time (in shards of at most --max_shard_size, with transformers' index), so neither holds much
-more than the parameters.
+Tensors are read one at a time (safetensors by their header's offsets, ranged reads in a bucket;
+torch's mmap for pytorch_model.bin) into preallocated layer-stacked arrays, which orbax then writes
+an array at a time: an import holds the parameters plus about their largest stacked array. Export
+writes safetensors one tensor at a time (in shards of at most --max_shard_size, with transformers'
+index).
 """
 
 from __future__ import annotations
