@@ -134,6 +134,7 @@ class LmHarness(TemplateLM):
         for indices in groups.values():
             settings = _Generation.of(requests[indices[0]].args[1], self.window,
                                       self.run.tokenizer.decode([self.eot_token_id]))
+            self._check_decoding(requests[indices[0]].args[0])
             prompts = {i: self._prompt(requests[i].args[0], settings.max_context) for i in indices}
             ordered = sorted(indices, key=lambda i: -len(prompts[i]))
             for start in range(0, len(ordered), self.batch_size):
@@ -145,6 +146,15 @@ class LmHarness(TemplateLM):
                 bar.update(len(batch))
         bar.close()
         return results
+
+    def _check_decoding(self, text: str) -> None:
+        """Generations are read as text: a tokenizer whose decoding garbles what it encoded (one
+        saved without its decoder, say) would turn every answer wrong without a word."""
+        back = self.run.tokenizer.decode(self.tok_encode(text))
+        if back.split() != text.split():
+            raise ConfigError(f"this run's tokenizer cannot decode what it encodes ({text[:30]!r} "
+                              f"comes back as {back[:30]!r}), so its generations cannot be read; "
+                              f"give the run a tokenizer.json with its decoder")
 
     def _prompt(self, context: str, max_context: int) -> list[int]:
         """The context's ids, cut from the left to leave room for the new tokens; an empty context

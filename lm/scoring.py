@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from lm import sharding
 from lm.config import ConfigError
-from lm.model import Transformer, token_losses
+from lm.model import ModelConfig, Transformer, token_losses
 
 SHORTEST_ROW = 16
 
@@ -77,19 +77,37 @@ def _units(requests: Sequence[tuple[Sequence[int], Sequence[int]]], window: int,
     return units
 
 
-def row_length(requests: Sequence[tuple[Sequence[int], Sequence[int]]], window: int) -> int:
-    """The smallest power of two (at least SHORTEST_ROW, at most the window) that holds every
-    request's whole group of branches, or the window."""
+def _group_sizes(requests: Sequence[tuple[Sequence[int], Sequence[int]]], window: int
+                 ) -> list[int]:
     sizes: dict[tuple[int, ...], int] = {}
     for context, continuation in requests:
         prefix, inputs, _ = _branch(context, continuation, window)
         sizes[prefix] = sizes.get(prefix, len(prefix)) + len(inputs)
-    return bucket(max(sizes.values(), default=1), window)
+    return list(sizes.values())
 
 
-def bucket(length: int, most: int) -> int:
-    """The smallest power of two that holds `length`, at least SHORTEST_ROW and at most `most`."""
-    return min(most, max(SHORTEST_ROW, 1 << (length - 1).bit_length()))
+def _layout_cost(cfg: ModelConfig, rows: int, row: int) -> float:
+    """FLOPs of `rows` rows of `row` positions, up to a constant: per position each layer's
+    products (12 d^2) and its attention over the whole row (2 row d), and the output head (d V)."""
+    d = cfg.d_model
+    return rows * row * (cfg.num_layers * (12 * d * d + 2 * row * d) + d * cfg.vocab_size)
+
+
+def plan(requests: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: ModelConfig
+         ) -> tuple[int, list[list[_Unit]]]:
+    """(row length, the rows' units): the cheapest layout over a few row lengths, powers of two
+    from the one that holds the largest group of requests up to the window. Longer rows leave
+    less padding and cost more attention."""
+    window = cfg.context_length
+    shortest = bucket(max(_group_sizes(requests, window), default=1), window)
+    layouts = [(row, _pack(_units(requests, window, row), row))
+               for row in sorted({min(shortest << k, window) for k in range(3)})]
+    return min(layouts, key=lambda layout: _layout_cost(cfg, len(layout[1]), layout[0]))
+
+
+def bucket(length: int, most: int, shortest: int = SHORTEST_ROW) -> int:
+    """The smallest power of two that holds `length`, at least `shortest` and at most `most`."""
+    return min(most, max(shortest, 1 << (length - 1).bit_length()))
 
 
 def _pack(units: list[_Unit], row: int) -> list[list[_Unit]]:
@@ -177,16 +195,16 @@ def score(model: Transformer, params: Any, mesh: Mesh,
     `rows_per_batch` is rounded up to fill the mesh's batch axes; `progress(n)` is told each time n
     more requests are scored.
     """
-    window = model.cfg.context_length
-    row = row_length(requests, window)
-    rows = _pack(_units(requests, window, row), row)
+    row, rows = plan(requests, model.cfg)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     per_batch = -(-rows_per_batch // shards) * shards
     scorer = compiled_scorer(model, valid_vocab or model.cfg.vocab_size, mesh)
     results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
     for start in range(0, len(rows), per_batch):
         laid_out = [_layout(units, row) for units in rows[start:start + per_batch]]
-        nll, greedy = _run(scorer, params, mesh, [a for a, _ in laid_out], per_batch)
+        # A last, short batch is padded to a power of two of shards, not to a whole batch.
+        size = min(per_batch, shards * bucket(-(-len(laid_out) // shards), per_batch, shortest=1))
+        nll, greedy = _run(scorer, params, mesh, [a for a, _ in laid_out], size)
         for i, (_, spans) in enumerate(laid_out):
             for request, at, m in spans:
                 results[request] = (-float(nll[i, at:at + m].sum(dtype=np.float64)),

@@ -26,7 +26,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from test_hf import perturb, train_briefly  # noqa: E402
 
 import lm  # noqa: E402
-from lm import harness, hf, scoring  # noqa: E402
+from lm import hf, scoring  # noqa: E402
+from lm import tokenizer as tokenizers  # noqa: E402
 from lm.config import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,17 +227,29 @@ def test_task_whose_data_is_missing_fails_naming_it(results, tmp_path):
         results[2].harness("words_gone", include_path=str(tmp_path))
 
 
-def test_tokenizer_that_cannot_encode_the_task_says_so(results, setup, tmp_path):
+def with_tokenizer(run, tokenizer):
+    return lm.LoadedModel(run.config, run.model, run.params, tokenizer, run.mesh, run.step)
+
+
+def test_tokenizer_that_cannot_encode_the_task_says_so(results, tmp_path):
     """A character-level run meets a character outside its vocabulary."""
-    from lm import tokenizer as tokenizers
-    _, tasks = setup
-    run = results[2]
-    chars = lm.LoadedModel(run.config, run.model, run.params,
-                           tokenizers.CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz "))),
-                           run.mesh, run.step)
+    chars = tokenizers.CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz ")))
     write_task(tmp_path, "words_upper", [{"query": "Alpha", "choices": ["b", "c"], "label": 0}],
                "output_type: multiple_choice\ndoc_to_text: '{{query}}'\n"
                "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n")
     with pytest.raises(ConfigError, match="this run's tokenizer cannot encode the tasks' text: "
                                           "character 'A'"):
-        chars.harness("words_upper", include_path=str(tmp_path))
+        with_tokenizer(results[2], chars).harness("words_upper", include_path=str(tmp_path))
+
+
+def test_tokenizer_that_cannot_decode_refuses_to_generate(results, setup):
+    """A byte-level BPE saved without its decoder decodes ' alpha' as 'Ġalpha'."""
+    _, tasks = setup
+    run = results[2]
+    spec = json.loads(run.tokenizer.spec)
+    spec["decoder"] = None
+    garbling = tokenizers.HuggingFaceTokenizer(json.dumps(spec), run.tokenizer.bos_id,
+                                               run.tokenizer.eos_id, run.tokenizer.pad_id)
+    with pytest.raises(ConfigError, match="this run's tokenizer cannot decode what it encodes"):
+        with_tokenizer(run, garbling).harness("words_generate", include_path=str(tasks),
+                                              limit=1)
