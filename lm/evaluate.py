@@ -4,8 +4,8 @@
     python -m lm.evaluate --workdir=runs/quickstart --mode=sample --prompt="def " \
         --max_length=100 --temperature=0.7 --num_return_sequences=3 --seed=0
 
-    python -m lm.evaluate --workdir=runs/quickstart --mode=harness --tasks=hellaswag,lambada_openai \
-        --num_fewshot=0 --limit=100 [--include_path=DIR_OF_TASK_YAMLS]
+    python -m lm.evaluate --workdir=runs/quickstart --mode=harness \
+        --tasks=hellaswag,lambada_openai --num_fewshot=0 --limit=100 [--include_path=DIR]
 
 Sampling flags follow HuggingFace's `generate` (max_length counts the prompt's tokens; max_new_tokens
 does not and wins when both are given).

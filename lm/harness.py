@@ -3,9 +3,9 @@
     results = lm.load("runs/quickstart").harness(["hellaswag"], limit=100)
     python -m lm.evaluate --mode=harness --workdir=RUN --tasks=hellaswag,lambada_openai
 
-`LmHarness` is an `lm_eval.api.model.LM`, registered as "lm" (`model_args="workdir=RUN"`). It answers
-the harness's three request types as its HuggingFace backend (`hf`) does, so that the numbers can be
-compared with published ones:
+`LmHarness` is an `lm_eval.api.model.LM`, registered as "lm" (`model_args="workdir=RUN"`). It
+answers the harness's three request types as its HuggingFace backend (`hf`) does, so that the
+numbers compare with published ones:
   loglikelihood: context and continuation tokenized by the harness's own rule (the context's
     trailing spaces move onto the continuation; an empty context becomes the prefix token), cut
     from the left to the model's window, scored by lm/scoring.py, continuations that share a

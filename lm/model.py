@@ -424,8 +424,8 @@ class Transformer(nn.Module):
 
     def _score(self, logits_of: Callable[[jax.Array], jax.Array], x: jax.Array,
                targets: jax.Array, scorer: Callable[[jax.Array, jax.Array], tuple]) -> tuple:
-        """`scorer` (token_losses) over chunks of positions of at most SCORE_CHUNK_ELEMENTS logits; batch rows
-        stay whole, so that a chunk is sharded as the batch is."""
+        """`scorer` (token_losses) over chunks of positions of at most SCORE_CHUNK_ELEMENTS logits;
+        batch rows stay whole, so that a chunk is sharded as the batch is."""
         batch, length, _ = x.shape
         chunk = max(1, min(length, SCORE_CHUNK_ELEMENTS // (batch * self.cfg.vocab_size)))
         count = -(-length // chunk)

@@ -121,7 +121,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(setup):
-    """(lm's results, the hf backend's results, lm's run), all three tasks in one evaluation each."""
+    """(lm's results, the hf backend's results, lm's run): all three tasks, one evaluation each."""
     root, tasks = setup
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     common = dict(tasks=TASKS, num_fewshot=0, log_samples=True, bootstrap_iters=0,
