@@ -69,7 +69,9 @@ class LmHarness(TemplateLM):
                 raise ConfigError("the lm harness model needs a run: model_args='workdir=RUN'")
             import lm
             run = lm.load(workdir, step=None if step is None else int(step))
-        self.run, self.batch_size, self.seed = run, max(1, int(batch_size or 8)), int(seed)
+        # The harness passes its own --batch_size on, "auto" included: lm's batches are rows.
+        batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.run, self.batch_size, self.seed = run, max(1, batch_size), int(seed)
         self.window = run.model.cfg.context_length
         self._prefix = _prefix_token(run.tokenizer) if prefix_token_id is None else int(
             prefix_token_id)

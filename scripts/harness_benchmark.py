@@ -1,15 +1,16 @@
 """lm's lm-evaluation-harness backend beside the harness's own HuggingFace backend (`hf`), in one
 run: requests per second on a multiple-choice task shaped like HellaSwag (4 endings of ~25 tokens
 after contexts of ~70), GPT-2 small (124M parameters, random weights: the shapes are what costs),
-float32, on this machine's CPU or accelerator.
+float32, on the CPU (or both on the GPU, where JAX finds one).
 
     python scripts/harness_benchmark.py [--docs=48] [--batch_size=8] [--repeats=2] \
         [--output_json=harness_bench.json]
 
 Both backends answer the same requests of the same local task (`lm_eval.simple_evaluate`, one
 evaluation each, alternated, `hf` first); a row reports the median seconds of the repeats, lm's
-first evaluation (which compiles) apart, and checks that the two agree on every loglikelihood. The
-text is Shakespeare where /work/shared/data has it, else generated words; the byte-level BPE is
+first evaluation (which compiles) apart, and checks that the two agree on every loglikelihood. Both
+run in one process, with the allocator lm's binaries choose (lm/allocator.py). The text is
+Shakespeare where /work/shared/data has it, else generated words; the byte-level BPE is
 trained here (4k tokens; the model keeps GPT-2's 50,257-token head).
 """
 
@@ -27,6 +28,10 @@ from absl import app, flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from lm import allocator  # noqa: E402  (stdlib only)
+
+if __name__ == "__main__":  # both backends share the process, so they share lm's allocator
+    allocator.restart_with_retained_memory()
 
 _DOCS = flags.DEFINE_integer("docs", 48, "Documents (4 requests each).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Both backends' batch size (hf: requests; lm: "
@@ -112,7 +117,9 @@ def main(argv: list[str]) -> None:
         (tmp / "tasks").mkdir()
         write_task(tmp / "tasks", text, _DOCS.value)
         manager = TaskManager(include_path=str(tmp / "tasks"), include_defaults=False)
-        theirs = HFLM(pretrained=str(tmp / "gpt2"), device="cpu", batch_size=_BATCH.value)
+        import jax
+        device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+        theirs = HFLM(pretrained=str(tmp / "gpt2"), device=device, batch_size=_BATCH.value)
         ours = LmHarness(run=lm.load(tmp / "run"), batch_size=_BATCH.value)
         first, lm_results = evaluate(ours, manager)
         hf_times, lm_times = [], []
@@ -126,6 +133,7 @@ def main(argv: list[str]) -> None:
     lm_rate = requests / statistics.median(lm_times)
     diff = max(abs(a - b) for a, b in zip(loglikelihoods(lm_results), loglikelihoods(hf_results)))
     row = {"task": "4-way choice, ~70-token contexts, ~25-token endings", "model": "GPT-2 small",
+           "device": device,
            "docs": _DOCS.value, "requests": requests, "batch_size": _BATCH.value,
            "hf_requests_per_sec": round(hf_rate, 2), "lm_requests_per_sec": round(lm_rate, 2),
            "lm_vs_hf": round(lm_rate / hf_rate, 2), "lm_first_run_sec": round(first, 1),

@@ -62,19 +62,27 @@ def write(out: Path, name: str, docs: list[dict], spec: str) -> None:
         f"    test: {out / name}.jsonl\ntest_split: test\n{spec}")
 
 
+def _metrics(**aggregations: str) -> str:
+    """metric_list entries; accuracies are better high, perplexities and bits low."""
+    return "".join(f"  - metric: {name}\n    aggregation: {how}\n    higher_is_better: "
+                   f"{'true' if name.startswith('acc') else 'false'}\n"
+                   for name, how in aggregations.items())
+
+
 def main(argv: list[str]) -> None:
     out = Path(_OUT.value)
     (ROOT / out).mkdir(parents=True, exist_ok=True)
     texts = held_out_documents()
     write(out, "python_docs_choice", choice_docs(texts),
           "output_type: multiple_choice\ndoc_to_text: '{{ctx}}'\ndoc_to_choice: '{{endings}}'\n"
-          "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+          "doc_to_target: '{{label}}'\nmetric_list:\n" + _metrics(acc="mean", acc_norm="mean"))
     rng = np.random.default_rng(1)
     rolling = [{"text": texts[i][:2000]} for i in rng.permutation(len(texts))[:50]]
     write(out, "python_docs_rolling", rolling,
           "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-          "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
-          "  - metric: bits_per_byte\n")
+          "metric_list:\n" + _metrics(word_perplexity="weighted_perplexity",
+                                      byte_perplexity="weighted_perplexity",
+                                      bits_per_byte="bits_per_byte"))
     print(f"wrote {out}/python_docs_choice and {out}/python_docs_rolling")
 
 

@@ -173,6 +173,21 @@ def test_generations_match_the_hf_backend_cut_at_the_stop_strings(results):
             == theirs["results"]["words_generate"]["exact_match,none"])
 
 
+def test_the_harness_finds_lm_by_name(results, setup):
+    """`simple_evaluate(model="lm", model_args="workdir=RUN")`, as the harness's own tools name a
+    backend, answers as run.harness() did."""
+    ours, _, _ = results
+    root, tasks = setup
+    by_name = lm_eval.simple_evaluate(
+        model="lm", model_args=f"workdir={root / 'run'},batch_size=8", tasks=["words_choice"],
+        limit=3, log_samples=True, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    mine = [r[0] for doc in responses(ours, "words_choice")[:3] for r in doc]
+    theirs = [r[0] for doc in responses(by_name, "words_choice") for r in doc]
+    assert [g for _, g in theirs] == [g for _, g in mine]
+    np.testing.assert_allclose([ll for ll, _ in theirs], [ll for ll, _ in mine], atol=1e-5)
+
+
 def test_scoring_compiles_one_program_per_row_length(results):
     """All three tasks' requests, of many lengths, compiled two scoring programs (two row lengths)
     and packed continuations that share a context into one row."""
