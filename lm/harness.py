@@ -41,7 +41,6 @@ except ImportError:
     raise ConfigError("the harness needs EleutherAI's lm-evaluation-harness: pip install "
                       "lm-eval (or pip install -e '.[eval]')") from None
 
-import numpy as np
 from tqdm import tqdm
 
 from lm import scoring
@@ -126,28 +125,33 @@ class LmHarness(TemplateLM):
         return totals
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        """Continuations of each context, requests with the same generation settings batched,
-        longest context first (as the HF backend orders them)."""
-        results: list[str | None] = [None] * len(requests)
+        """Continuations of each context; requests with the same generation settings share
+        batches, longest context first (as the HF backend orders them)."""
+        results: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
         bar = tqdm(total=len(requests), desc="lm generate_until", disable=disable_tqdm or None)
         for indices in groups.values():
-            settings = _Generation.of(requests[indices[0]].args[1], self.window,
-                                      self.run.tokenizer.decode([self.eot_token_id]))
-            self._check_decoding(requests[indices[0]].args[0])
-            prompts = {i: self._prompt(requests[i].args[0], settings.max_context) for i in indices}
-            ordered = sorted(indices, key=lambda i: -len(prompts[i]))
-            for start in range(0, len(ordered), self.batch_size):
-                batch = ordered[start:start + self.batch_size]
-                texts = self._generate([prompts[i] for i in batch], settings)
+            for batch, texts in self._generate_group([requests[i].args for i in indices]):
                 for i, text in zip(batch, texts):
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    results[indices[i]] = text
+                    self.cache_hook.add_partial("generate_until", requests[indices[i]].args, text)
                 bar.update(len(batch))
         bar.close()
         return results
+
+    def _generate_group(self, args: list[tuple[str, dict]]):
+        """(indices into `args`, their texts) a batch at a time, for contexts that share one
+        dict of generation settings."""
+        settings = _Generation.of(args[0][1], self.window,
+                                  self.run.tokenizer.decode([self.eot_token_id]))
+        self._check_decoding(args[0][0])
+        prompts = [self._prompt(context, settings.max_context) for context, _ in args]
+        ordered = sorted(range(len(args)), key=lambda i: -len(prompts[i]))
+        for start in range(0, len(ordered), self.batch_size):
+            batch = ordered[start:start + self.batch_size]
+            yield batch, self._generate([prompts[i] for i in batch], settings)
 
     def _check_decoding(self, text: str) -> None:
         """Generations are read as text: a tokenizer whose decoding garbles what it encoded (one
@@ -192,13 +196,11 @@ class _Generation:
         if max_new >= window:
             raise ConfigError(f"the task asks for max_gen_toks={max_new} new tokens, which leaves "
                               f"no room for a prompt in the model's context of {window} tokens")
-        options = SamplingOptions()
+        options = SamplingOptions(temperature=0.0)
         if kwargs.get("do_sample"):
             options = SamplingOptions(float(kwargs.get("temperature", 1.0)),
                                       int(kwargs.get("top_k") or 0),
                                       float(kwargs.get("top_p") or 1.0))
-        else:
-            options = SamplingOptions(temperature=0.0)
         return cls(until, max_new, window - max_new, options)
 
 

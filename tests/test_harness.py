@@ -8,7 +8,6 @@ ties), its byte-level BPE is trained here, and the tasks are YAML files over jso
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,10 +211,9 @@ def test_eval_binary_prints_the_harness_table_and_writes_json(setup, tmp_path):
     assert 0 <= saved["results"]["words_choice"]["acc,none"] <= 1
 
 
-def run_evaluate(*args, env=None):
+def run_evaluate(*args):
     return subprocess.run([sys.executable, "-m", "lm.evaluate", *args], cwd=ROOT,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=600)
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_bad_limit_fails_in_one_line_before_loading(setup):
