@@ -3,6 +3,7 @@
     run.logits(token_ids)               numpy in, float32 numpy out
     run.generate(["Once upon"], max_new_tokens=50, temperature=0.7)
     run.perplexity(["Some held-out text."]).perplexity
+    run.harness(["hellaswag"], limit=100)   lm-evaluation-harness's results dict (lm/harness.py)
 """
 
 from __future__ import annotations
@@ -93,7 +94,6 @@ class LoadedModel:
         texts = [texts] if isinstance(texts, str) else list(texts)
         return score_documents(self.model, self.params, self.tokenizer, texts, self.mesh,
                                batch_size=batch_size, stride=stride, progress=progress)
-
 
     def harness(self, tasks: str | Sequence[str], **kwargs: Any) -> dict:
         """lm-evaluation-harness's results dict for `tasks` (lm.harness.run_harness: num_fewshot,
