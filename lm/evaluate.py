@@ -156,21 +156,21 @@ def sample(run) -> dict:
     return {"step": run.step, "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]}
 
 
-def harness(run) -> dict:
+def harness(run, tasks) -> dict:
     from lm.harness import results_table, run_harness
-    results = run_harness(run, _TASKS.value, num_fewshot=_FEWSHOT.value, limit=_LIMIT.value,
-                          batch_size=_BATCH.value, include_path=_INCLUDE.value)
+    results = run_harness(run, tasks, num_fewshot=_FEWSHOT.value, limit=_LIMIT.value,
+                          batch_size=_BATCH.value)
     console(results_table(results))
     return results
 
 
-def _check_harness_flags() -> None:
+def _harness_tasks():
+    """The tasks, built before the model loads: a bad name or missing data fails at once."""
     if not _TASKS.value:
         raise ConfigError("--mode=harness needs --tasks (e.g. --tasks=hellaswag,lambada_openai)")
-    if _LIMIT.value is not None and _LIMIT.value < 1:
-        raise ConfigError(f"--limit={_LIMIT.value} must be at least 1 (examples per task), or "
-                          f"left out for every example")
-    import lm.harness  # noqa: F401  (without lm_eval installed: its one-line error, now)
+    from lm.harness import check_limit, load_tasks  # without lm_eval: its one-line error
+    check_limit(_LIMIT.value)
+    return load_tasks(_TASKS.value, _INCLUDE.value)
 
 
 def main(argv: list[str]) -> None:
@@ -185,10 +185,12 @@ def main(argv: list[str]) -> None:
     try:
         if _MODE.value == "sample":
             _check_sampling_flags()  # before the model loads, which can take a while
-        if _MODE.value == "harness":
-            _check_harness_flags()
+        tasks = _harness_tasks() if _MODE.value == "harness" else None
         run = lm.load(_WORKDIR.value, step=_STEP.value, fsdp=_FSDP.value, tensor=_TENSOR.value)
-        result = {"perplexity": perplexity, "sample": sample, "harness": harness}[_MODE.value](run)
+        if tasks is not None:
+            result = harness(run, tasks)
+        else:
+            result = perplexity(run) if _MODE.value == "perplexity" else sample(run)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     if _OUTPUT.value:

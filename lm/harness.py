@@ -244,9 +244,26 @@ def _known(manager: TaskManager, name: str) -> bool:
     return name in manager.all_tasks or (name.endswith((".yaml", ".yml")) and Path(name).is_file())
 
 
-def _load_tasks(manager: TaskManager, tasks: Sequence[str]) -> list:
-    """The tasks and groups, built (their data read): a task whose data cannot be had fails here,
-    named."""
+@dataclasses.dataclass(frozen=True)
+class Tasks:
+    """Tasks and groups built, their data read, and the TaskManager that knows them."""
+    manager: TaskManager
+    built: list
+
+
+def load_tasks(tasks: str | Sequence[str], include_path: str | None = None,
+               manager: TaskManager | None = None) -> Tasks:
+    """Named tasks, built: an unknown name or data that cannot be had fails here, before a model
+    loads (`manager`: one already indexed, else `task_manager(tasks, include_path)`)."""
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise ConfigError("name at least one harness task, e.g. --tasks=hellaswag")
+    manager = manager or task_manager(tasks, include_path)
+    check_names(manager, tasks)
+    return Tasks(manager, _build(manager, tasks))
+
+
+def _build(manager: TaskManager, tasks: Sequence[str]) -> list:
     built = []
     for name in tasks:
         try:
@@ -260,30 +277,32 @@ def _load_tasks(manager: TaskManager, tasks: Sequence[str]) -> list:
     return built
 
 
-def run_harness(run: Any, tasks: str | Sequence[str], *, num_fewshot: int | None = None,
+def run_harness(run: Any, tasks: str | Sequence[str] | Tasks, *, num_fewshot: int | None = None,
                 limit: int | None = None, batch_size: int = 8, include_path: str | None = None,
                 log_samples: bool = False, seed: int = 0, **simple_evaluate_args: Any) -> dict:
     """The harness's results dict (results, groups, configs, ...; `samples` with log_samples) for
-    `run` (a LoadedModel) on `tasks`: names of built-in tasks, or of YAML tasks in `include_path`.
+    `run` (a LoadedModel) on `tasks`: names of built-in tasks, or of YAML tasks in `include_path`,
+    or `load_tasks`' result.
 
     `limit`: at most this many examples per task; `seed`: the sampler's, for tasks that sample.
     Other keyword arguments go to `lm_eval.simple_evaluate` (e.g. bootstrap_iters, gen_kwargs,
     task_manager; its seeds keep the harness's defaults, so few-shot examples are the ones any
     other backend is shown).
     """
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    if not tasks:
-        raise ConfigError("name at least one harness task, e.g. --tasks=hellaswag")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit={limit} must be at least 1 (examples per task), or left out "
-                          f"for every example")
-    manager = simple_evaluate_args.pop("task_manager", None) or task_manager(tasks, include_path)
-    check_names(manager, tasks)
+    check_limit(limit)
+    if not isinstance(tasks, Tasks):
+        tasks = load_tasks(tasks, include_path, simple_evaluate_args.pop("task_manager", None))
     model = LmHarness(run=run, batch_size=batch_size, seed=seed)
     simple_evaluate_args.setdefault("torch_random_seed", None)  # lm has no use for torch
     return lm_eval.simple_evaluate(
-        model=model, tasks=_load_tasks(manager, tasks), num_fewshot=num_fewshot, limit=limit,
-        task_manager=manager, log_samples=log_samples, **simple_evaluate_args)
+        model=model, tasks=tasks.built, num_fewshot=num_fewshot, limit=limit,
+        task_manager=tasks.manager, log_samples=log_samples, **simple_evaluate_args)
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit={limit} must be at least 1 (examples per task), or left out "
+                          f"for every example")
 
 
 def results_table(results: dict) -> str:

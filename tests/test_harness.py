@@ -8,6 +8,7 @@ ties), its byte-level BPE is trained here, and the tasks are YAML files over jso
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +121,8 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(setup):
-    """(lm's results, the hf backend's results, lm's run): all three tasks, one evaluation each."""
+    """(lm's results, the hf backend's results, lm's run, the scoring programs it compiled): all
+    three tasks, one evaluation each."""
     root, tasks = setup
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     common = dict(tasks=TASKS, num_fewshot=0, log_samples=True, bootstrap_iters=0,
@@ -129,7 +131,8 @@ def results(setup):
                                      device="cpu", batch_size=4, **common)
     run = lm.load(root / "run")
     ours = run.harness(batch_size=8, **common)  # all the generation prompts: one compilation
-    return ours, theirs, run
+    compiled = scoring.compiled_scorer(run.model, run.tokenizer.vocab_size, run.mesh)._cache_size()
+    return ours, theirs, run, compiled
 
 
 def responses(results, task):
@@ -137,7 +140,7 @@ def responses(results, task):
 
 
 def test_multiple_choice_matches_the_hf_backend_per_choice_and_in_accuracy(results):
-    ours, theirs, _ = results
+    ours, theirs, *_ = results
     mine, hfs = responses(ours, "words_choice"), responses(theirs, "words_choice")
     assert len(mine) == len(hfs) == 8
     for doc_ours, doc_hf in zip(mine, hfs):
@@ -150,7 +153,7 @@ def test_multiple_choice_matches_the_hf_backend_per_choice_and_in_accuracy(resul
 
 
 def test_rolling_loglikelihoods_match_the_hf_backend_over_several_windows(results):
-    ours, theirs, run = results
+    ours, theirs, run, _ = results
     mine, hfs = responses(ours, "words_rolling"), responses(theirs, "words_rolling")
     lengths = sorted(len(run.tokenizer.encode(s["target"]))
                      for s in ours["samples"]["words_rolling"])
@@ -163,7 +166,7 @@ def test_rolling_loglikelihoods_match_the_hf_backend_over_several_windows(result
 
 
 def test_generations_match_the_hf_backend_cut_at_the_stop_strings(results):
-    ours, theirs, _ = results
+    ours, theirs, *_ = results
     mine, hfs = responses(ours, "words_generate"), responses(theirs, "words_generate")
     assert [r[0] for r in mine] == [r[0] for r in hfs]
     texts = [r[0][0] for r in mine]
@@ -175,7 +178,7 @@ def test_generations_match_the_hf_backend_cut_at_the_stop_strings(results):
 def test_the_harness_finds_lm_by_name(results, setup):
     """`simple_evaluate(model="lm", model_args="workdir=RUN")`, as the harness's own tools name a
     backend, answers as run.harness() did."""
-    ours, _, _ = results
+    ours, *_ = results
     root, tasks = setup
     by_name = lm_eval.simple_evaluate(
         model="lm", model_args=f"workdir={root / 'run'},batch_size=8", tasks=["words_choice"],
@@ -190,9 +193,7 @@ def test_the_harness_finds_lm_by_name(results, setup):
 def test_requests_of_many_lengths_compile_one_scoring_program_and_share_contexts(results):
     """The choice and rolling tasks' requests (2 to 65 tokens) ran in rows of one length, so one
     program; continuations that share a context share its positions."""
-    _, _, run = results
-    scorer = scoring.compiled_scorer(run.model, run.tokenizer.vocab_size, run.mesh)
-    assert scorer._cache_size() == 1
+    assert results[3] == 1
     requests = [([1, 2, 3, 4], [5]), ([1, 2, 3, 4], [6, 7]), ([9], [5])]
     units = scoring._units(requests, CONTEXT, 16)
     assert sorted(u.size for u in units) == [1, 6]  # the prefix [1, 2, 3] is laid out once
@@ -211,17 +212,27 @@ def test_eval_binary_prints_the_harness_table_and_writes_json(setup, tmp_path):
     assert 0 <= saved["results"]["words_choice"]["acc,none"] <= 1
 
 
-def run_evaluate(*args):
+def run_evaluate(*args, env=None):
     return subprocess.run([sys.executable, "-m", "lm.evaluate", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=600)
 
 
-def test_bad_limit_fails_in_one_line_before_loading(setup):
-    root, tasks = setup
-    result = run_evaluate("--mode=harness", f"--workdir={root / 'run'}", "--tasks=words_choice",
-                          "--limit=0", f"--include_path={tasks}")
+def test_limit_below_one_is_refused(results, setup):
+    with pytest.raises(ConfigError, match="--limit=0 must be at least 1"):
+        results[2].harness("words_choice", include_path=str(setup[1]), limit=0)
+
+
+def test_hub_task_without_its_data_fails_in_one_line(setup, tmp_path):
+    """A built-in task offline, with an empty datasets cache: the eval binary names the task and
+    what to do, in one line."""
+    root, _ = setup
+    result = run_evaluate("--mode=harness", f"--workdir={root / 'run'}",
+                          "--tasks=lambada_openai", "--limit=2",
+                          env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --limit=0 must be at least 1")
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: task 'lambada_openai' needs data that cannot be loaded here")
 
 
 def test_unknown_task_lists_close_names(results, setup):
