@@ -4,6 +4,7 @@
     run.generate(["Once upon"], max_new_tokens=50, temperature=0.7)
     lm.load("hf:gpt2")                  a HuggingFace hub model, imported once and cached
     run.perplexity(["Some held-out text."]).perplexity
+    run.harness(["hellaswag"], limit=100)   lm-evaluation-harness's results dict (lm/harness.py)
 """
 
 from __future__ import annotations
@@ -62,13 +63,23 @@ class LoadedModel:
             if len(prompts) != 1:
                 raise ValueError("streaming (on_text) needs a single prompt")
             on_token = _Streamer(self.tokenizer, on_text)
-        model, params = self._decoding
         ids = [tokenizers.prompt_ids(self.tokenizer, p) for p in prompts]
-        tokens = generate(model, params, ids, max_new_tokens,
-                          options=SamplingOptions(temperature, top_k, top_p),
-                          seed=seed, eos_id=self.tokenizer.eos_id, mesh=self.mesh,
-                          valid_vocab=self.tokenizer.vocab_size, on_token=on_token)
+        tokens = self.generate_tokens(ids, max_new_tokens,
+                                      options=SamplingOptions(temperature, top_k, top_p),
+                                      seed=seed, on_token=on_token)
         return [_cut(self.tokenizer.decode(t), stop) for t in tokens]
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                        options: SamplingOptions = SamplingOptions(), seed: int = 0,
+                        on_token: Callable[[np.ndarray], None] | None = None, pad_to: int = 0
+                        ) -> list[np.ndarray]:
+        """The new ids after each prompt of ids, taken as given (`generate` starts each with the
+        end-of-document id), up to the end-of-document token, which is left out. `pad_to`: see
+        sampling.generate."""
+        model, params = self._decoding
+        return generate(model, params, prompts, max_new_tokens, options=options, seed=seed,
+                        eos_id=self.tokenizer.eos_id, mesh=self.mesh,
+                        valid_vocab=self.tokenizer.vocab_size, on_token=on_token, pad_to=pad_to)
 
     @functools.cached_property
     def _decoding(self) -> tuple[Transformer, Any]:
@@ -84,6 +95,12 @@ class LoadedModel:
         texts = [texts] if isinstance(texts, str) else list(texts)
         return score_documents(self.model, self.params, self.tokenizer, texts, self.mesh,
                                batch_size=batch_size, stride=stride, progress=progress)
+
+    def harness(self, tasks: str | Sequence[str], **kwargs: Any) -> dict:
+        """lm-evaluation-harness's results dict for `tasks` (lm.harness.run_harness: num_fewshot,
+        limit, batch_size, include_path, ...); needs `pip install -e '.[eval]'`."""
+        from lm.harness import run_harness
+        return run_harness(self, tasks, **kwargs)
 
 
 class _Streamer:

@@ -379,13 +379,18 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, deterministic: bool = True,
-                 cache: KVCache | None = None, targets: jax.Array | None = None):
+                 cache: KVCache | None = None, targets: jax.Array | None = None,
+                 mask: jax.Array | None = None,
+                 scorer: Callable[[jax.Array, jax.Array], tuple] = token_losses):
         """tokens [batch, length] int -> logits [batch, length, vocab] float32.
 
         Decoding: with `cache` (from `init_cache`), tokens are written into it at `positions` and
         attend to every cached position up to their own; returns (logits, updated cache).
         Scoring: with `targets` [batch, length], returns token_losses' (nll, log_z), each [batch,
         length]; the head and its loss run over chunks of positions, logits never whole.
+        `scorer(logits, targets)` replaces token_losses there (e.g. to also say whether each target
+        is the most likely token). `mask` [batch, 1, 1, queries, keys] says which keys each query
+        sees, in place of segment_ids' (e.g. continuations that share one context, lm/scoring.py).
         """
         cfg = self.cfg
         batch, length = tokens.shape
@@ -395,7 +400,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         # Unpacked batches need only the causal mask, which the fused kernel builds itself.
-        mask = None if segment_ids is None else attention_mask(segment_ids)
+        if mask is None and segment_ids is not None:
+            mask = attention_mask(segment_ids)
         if cache is not None:
             slots = jnp.arange(cache["key"].shape[3])
             mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]
@@ -441,14 +447,14 @@ class Transformer(nn.Module):
             return logits.astype(jnp.float32)
 
         if targets is not None:
-            return self._score(logits_of, x, targets)
+            return self._score(logits_of, x, targets, scorer)
         logits = logits_of(x)
         return logits if cache is None else (logits, cache)
 
     def _score(self, logits_of: Callable[[jax.Array], jax.Array], x: jax.Array,
-               targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """token_losses over chunks of positions of at most SCORE_CHUNK_ELEMENTS logits; batch rows
-        stay whole, so that a chunk is sharded as the batch is."""
+               targets: jax.Array, scorer: Callable[[jax.Array, jax.Array], tuple]) -> tuple:
+        """`scorer` (token_losses) over chunks of positions of at most SCORE_CHUNK_ELEMENTS logits;
+        batch rows stay whole, so that a chunk is sharded as the batch is."""
         batch, length, _ = x.shape
         chunk = max(1, min(length, SCORE_CHUNK_ELEMENTS // (batch * self.cfg.vocab_size)))
         count = -(-length // chunk)
@@ -460,7 +466,7 @@ class Transformer(nn.Module):
 
         def body(module, carry, chunk_in):
             h, t = chunk_in
-            return carry, token_losses(logits_of(h), t)
+            return carry, scorer(logits_of(h), t)
 
         # Lifted, not jax.lax.map: an untied head is a submodule, its kernel broadcast to each chunk.
         scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})
