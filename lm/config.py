@@ -36,8 +36,16 @@ def default_config() -> ConfigDict:
     m.norm_eps = 1e-5           # added to the variance in the norms
     m.position = "learned"      # learned | rope
     m.rope_theta = 10000.0      # rope's base wavelength
+    m.rope_scaling = "none"     # none | linear | llama3 (Llama 3.1+): rope frequencies stretched
+                                # for a longer context than pretraining's (model.rope_frequencies)
+    m.rope_scaling_factor = 1.0  # linear, llama3: how much longer the context is
+    m.rope_low_freq_factor = 1.0   # llama3: wavelengths over original_context/this are divided fully
+    m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original_context/this are kept
+    m.rope_original_context = 8192  # llama3: the context length of pretraining
     m.mlp = "gelu"              # gelu (tanh approximation, GPT-2) | gelu_exact (erf) | swiglu
     m.use_bias = True           # biases in linear layers and LayerNorm (GPT-2 True, LLaMA False)
+    m.qkv_bias = False          # biases on the query, key and value projections even without
+                                # use_bias (Qwen2's layout)
     m.tie_embeddings = True     # the output head is the embedding table (GPT-2) or its own (LLaMA)
     m.init_std = 0.02           # normal init std; residual output projections / sqrt(2 layers)
     m.dtype = "float32"         # compute dtype, e.g. bfloat16
@@ -117,6 +125,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.position": ("learned", "rope"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
     "model.mlp": ("gelu", "gelu_exact", "swiglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -194,6 +203,22 @@ def validate_data(data: ConfigDict) -> None:
         _check(bool(data[name]), f"config.data.{name} is empty; name the jsonl field to read")
 
 
+def validate_rope_scaling(m: ConfigDict) -> None:
+    """The checks of config.model's rope scaling fields (also run on an imported HF config)."""
+    if m.rope_scaling == "none":
+        return
+    _check(m.position == "rope", f"config.model.rope_scaling={m.rope_scaling!r} needs "
+           f"config.model.position='rope' (it is {m.position!r})")
+    _check(m.rope_scaling_factor > 0,
+           f"config.model.rope_scaling_factor={m.rope_scaling_factor} must be > 0")
+    if m.rope_scaling == "llama3":
+        _check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+               f"config.model.rope_low_freq_factor={m.rope_low_freq_factor} and "
+               f"rope_high_freq_factor={m.rope_high_freq_factor} must satisfy 0 < low < high")
+        _check(m.rope_original_context >= 1,
+               f"config.model.rope_original_context={m.rope_original_context} must be >= 1")
+
+
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError naming the field and the fix for anything that would fail later."""
     import jax  # here, not on import: tokenizing workers import this module and need no JAX
@@ -216,6 +241,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
            f"config.model.num_kv_heads={kv} does not divide config.model.num_heads={m.num_heads}")
     _check(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0,
            f"rope needs an even head dimension, got d_model/num_heads={m.d_model // m.num_heads}")
+    validate_rope_scaling(m)
     _check(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
     _check(m.attention_impl != "cudnn" or (jax.default_backend() == "gpu" and m.dtype != "float32"),
            f"config.model.attention_impl='cudnn' needs a GPU and a 16-bit config.model.dtype (here "

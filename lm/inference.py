@@ -2,7 +2,9 @@
 
     run.logits(token_ids)               numpy in, float32 numpy out
     run.generate(["Once upon"], max_new_tokens=50, temperature=0.7)
+    lm.load("hf:gpt2")                  a HuggingFace hub model, imported once and cached
     run.perplexity(["Some held-out text."]).perplexity
+    run.harness(["hellaswag"], limit=100)   lm-evaluation-harness's results dict (lm/harness.py)
 """
 
 from __future__ import annotations
@@ -61,13 +63,23 @@ class LoadedModel:
             if len(prompts) != 1:
                 raise ValueError("streaming (on_text) needs a single prompt")
             on_token = _Streamer(self.tokenizer, on_text)
-        model, params = self._decoding
-        ids = [tokenizers.document_ids(self.tokenizer, p) for p in prompts]
-        tokens = generate(model, params, ids, max_new_tokens,
-                          options=SamplingOptions(temperature, top_k, top_p),
-                          seed=seed, eos_id=self.tokenizer.eos_id, mesh=self.mesh,
-                          valid_vocab=self.tokenizer.vocab_size, on_token=on_token)
+        ids = [tokenizers.prompt_ids(self.tokenizer, p) for p in prompts]
+        tokens = self.generate_tokens(ids, max_new_tokens,
+                                      options=SamplingOptions(temperature, top_k, top_p),
+                                      seed=seed, on_token=on_token)
         return [_cut(self.tokenizer.decode(t), stop) for t in tokens]
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                        options: SamplingOptions = SamplingOptions(), seed: int = 0,
+                        on_token: Callable[[np.ndarray], None] | None = None, pad_to: int = 0
+                        ) -> list[np.ndarray]:
+        """The new ids after each prompt of ids, taken as given (`generate` starts each with the
+        end-of-document id), up to the end-of-document token, which is left out. `pad_to`: see
+        sampling.generate."""
+        model, params = self._decoding
+        return generate(model, params, prompts, max_new_tokens, options=options, seed=seed,
+                        eos_id=self.tokenizer.eos_id, mesh=self.mesh,
+                        valid_vocab=self.tokenizer.vocab_size, on_token=on_token, pad_to=pad_to)
 
     @functools.cached_property
     def _decoding(self) -> tuple[Transformer, Any]:
@@ -83,6 +95,12 @@ class LoadedModel:
         texts = [texts] if isinstance(texts, str) else list(texts)
         return score_documents(self.model, self.params, self.tokenizer, texts, self.mesh,
                                batch_size=batch_size, stride=stride, progress=progress)
+
+    def harness(self, tasks: str | Sequence[str], **kwargs: Any) -> dict:
+        """lm-evaluation-harness's results dict for `tasks` (lm.harness.run_harness: num_fewshot,
+        limit, batch_size, include_path, ...); needs `pip install -e '.[eval]'`."""
+        from lm.harness import run_harness
+        return run_harness(self, tasks, **kwargs)
 
 
 class _Streamer:
@@ -132,7 +150,11 @@ def load(path: str | os.PathLike, *, step: int | None = None, fsdp: int = 1, ten
          devices: Sequence[jax.Device] | None = None) -> LoadedModel:
     """The model, parameters and tokenizer of a workdir (latest checkpoint, or `step`) or of one
     checkpoint step directory, on a mesh of `devices` (default: all): `fsdp` and `tensor` as given,
-    the rest data-parallel."""
+    the rest data-parallel. `hf:NAME` (`hf:gpt2`, `hf:org/name@revision`) is a HuggingFace hub
+    model, imported once into the lm cache directory (lm.hf.cached_import)."""
+    if os.fspath(path).startswith("hf:"):
+        from lm import hf
+        path = hf.cached_import(os.fspath(path)[3:])
     checkpoint.check_directory(path)
     workdir, step_dir = _workdir_and_step(fs.absolute(path), step)
     config = ConfigDict(json.loads(fs.read_text(workdir / "config.json")))
