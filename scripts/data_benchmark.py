@@ -282,8 +282,8 @@ def peak_memory(gigabytes: float, files: list[Path]) -> None:
     seconds = time.perf_counter() - start
     largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     summary = [line for line in output.splitlines() if line.startswith("data: prepared")]
-    print(f"| {gigabytes:g} GB ({count} jsonl.gz files) | {peak / 2**30:.2f} GiB | "
-          f"{largest / 2**30:.2f} GiB | {seconds:.0f} s | load {min(loads):.1f}-{max(loads):.1f} |",
+    print(f"| {gigabytes:g} GB ({count} jsonl.gz files) | {peak / 2**20:,.0f} MiB | "
+          f"{largest / 2**20:,.0f} MiB | {seconds:.0f} s | load {min(loads):.1f}-{max(loads):.1f} |",
           flush=True)
     print("   " + (summary[0] if summary else output[-2000:]), flush=True)
     shutil.rmtree(out, ignore_errors=True)
