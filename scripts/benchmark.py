@@ -318,7 +318,7 @@ def train_throughput(row: Row, repeats: int) -> dict:
         "peak_device_memory_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 or None,
         "peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
         "batch": f"{rows}x{length}", "params_m": flops.matmul_params(cfg) / 1e6,
-        "attention": "cudnn" if cfg.fused_attention else "xla", "device": device.device_kind,
+        "attention": cfg.attention, "device": device.device_kind,
     }
 
 
