@@ -17,9 +17,8 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from ml_collections import ConfigDict
-
 from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
 
 from lm import attention, sharding
 from lm.config import ConfigError, resolve_attention
@@ -173,7 +172,8 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 # logits at 8x1024 are 1.6 GB, and XLA:CPU ran the head's product and loss over them 1.4x slower.
 SCORE_CHUNK_ELEMENTS = 2**24
 # A train step keeps its logits whole up to this many on each device (float32: 1 GiB): through a
-# gradient XLA:CPU ran the whole logits faster (GPT-2's 8x256 step, 412 MB of logits).
+# gradient XLA:CPU runs them faster whole (GPT-2's 8x256 step, 412 MB of logits, was ~5% slower
+# with chunks), and below this size their memory rarely decides what fits.
 WHOLE_LOGITS_ELEMENTS = 2**28
 
 

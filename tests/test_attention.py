@@ -53,28 +53,29 @@ def value_and_grads(fn, q, k, v, segment_ids, mesh=None):
     return jax.device_get((out, grads))
 
 
-def mesh_2x2x2():
+def make_mesh(data, fsdp, tensor):
     config = default_config()
-    config.mesh.update(data=2, fsdp=2, tensor=2)
+    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
     return sharding.make_mesh(config)
 
 
-@pytest.mark.parametrize("impl, blocks, length, kv_heads, segments, devices", [
-    ("xla", 4, 20, KV_HEADS, True, 1),      # unrolled query blocks, each to its own end
-    ("xla", 7, 20, KV_HEADS, True, 1),      # a loop of blocks over all keys, the last padded
-    ("splash", 0, 200, KV_HEADS, True, 1),  # padded to 256: two 128-blocks
-    ("splash", 0, 128, KV_HEADS, True, 8),  # shard_map: 2 rows and 1 kv head a device
-    ("splash", 0, 128, HEADS, False, 8),
-])
+@pytest.mark.parametrize("impl, blocks, length, kv_heads, segments, mesh", [
+    ("xla", 4, 20, KV_HEADS, True, None),      # unrolled query blocks, each to its own end
+    ("xla", 7, 20, KV_HEADS, True, None),      # a loop of blocks over all keys, the last padded
+    ("splash", 0, 200, KV_HEADS, True, None),  # padded to 256: two 128-blocks
+    ("splash", 0, 128, KV_HEADS, True, (2, 2, 2)),  # shard_map: 2 rows and 1 kv head a device
+    # 2 kv heads on a tensor axis of 4: heads whole, replicated over it; 2 rows a device.
+    ("splash", 0, 128, KV_HEADS, False, (2, 1, 4)),
+], ids=str)
 def test_attention_matches_the_masked_softmax_in_outputs_and_gradients(
-        impl, blocks, length, kv_heads, segments, devices, monkeypatch):
+        impl, blocks, length, kv_heads, segments, mesh, monkeypatch):
     if blocks:
         monkeypatch.setattr(attention, "query_block", lambda n: -(-n // blocks))
     q, k, v = qkv(length, kv_heads)
     segment_ids = packed(length) if segments else None
     expected = value_and_grads(reference, q, k, v, segment_ids)
     got = value_and_grads(lambda *a: attention.causal(impl, *a), q, k, v, segment_ids,
-                          mesh_2x2x2() if devices == 8 else None)
+                          mesh and make_mesh(*mesh))
     assert_trees_close(got, expected, rtol=1e-5, atol=2e-5)
 
 
