@@ -2,7 +2,7 @@
 machine's matmul and memory-read peaks: the fastest of 20).
 
     python scripts/benchmark.py                  # the CPU suite
-    python scripts/benchmark.py --suite=gpu      # GPT-2 small and the 1B LLaMA in bfloat16
+    python scripts/benchmark.py --suite=gpu      # GPT-2 small and 1B LLaMAs in bfloat16, 2k and 8k
     python scripts/benchmark.py --rows=train_shakespeare_char,matmul_f32 --output_json=bench.json
     python scripts/benchmark.py --rows=train_shakespeare_char_torch   # only the PyTorch row
     python scripts/benchmark.py --notorch        # the lm rows alone
