@@ -15,10 +15,10 @@ that has none. Decoding with a KV cache runs `masked_softmax`.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from lm import sharding
@@ -158,16 +158,25 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
                                         implementation="cudnn")
 
 
-def _splash_kernel(heads: int, length: int) -> splash.SplashAttentionKernel:
-    """Causal splash attention over one device's heads; q [heads, length, head_dim], kv heads may
-    be fewer (grouped)."""
+def _splash_kernel(heads: int, length: int) -> Callable[..., jax.Array]:
+    """Causal splash attention over one device's heads: (q [heads, length, head_dim], k, v (kv heads
+    may be fewer: grouped), segment ids [length] or none) -> out. Imported here, so that a JAX
+    without the TPU kernels fails only where they are asked for."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
     block = next(b for b in SPLASH_BLOCKS if length % b == 0)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=jax.default_backend() != "tpu")
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=jax.default_backend() != "tpu")
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+        segments = None if segment_ids is None else splash.SegmentIds(segment_ids, segment_ids)
+        return kernel(q, k, v, segment_ids=segments)
+    return attend
 
 
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
@@ -182,12 +191,8 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | N
     if segment_ids is not None:  # padding is a segment of its own, so every query sees a key
         segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - length)), constant_values=-1)
 
-    def local(q, k, v, segment_ids=None):
-        kernel = _splash_kernel(q.shape[1], padded)
-        if segment_ids is None:
-            return jax.vmap(kernel)(q, k, v)
-        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(
-            q, k, v, segment_ids)
+    def local(q, k, v, *segment_ids):  # one device's rows (vmapped) and heads
+        return jax.vmap(_splash_kernel(q.shape[1], padded))(q, k, v, *segment_ids)
 
     rows = sharding.split_axes("act_batch", batch)
     heads_axes = sharding.split_axes("act_kv_heads", k.shape[1])  # query heads follow their kv head
