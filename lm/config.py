@@ -54,7 +54,10 @@ def default_config() -> ConfigDict:
     m.remat_policy = "none"     # none, or a jax.checkpoint_policies name, e.g. nothing_saveable
     m.scan_layers = True        # one compiled block looped over the layers: compile time flat in
                                 # depth; False unrolls them (faster steps on a CPU)
-    m.attention_impl = "auto"   # auto (cuDNN flash attention on GPU in 16-bit, else xla) | xla | cudnn
+    m.attention_impl = "auto"   # auto (splash on TPU, cuDNN on GPU in 16-bit, else xla) | xla |
+                                # cudnn | splash; see docs/scaling.md
+    m.loss_chunk_positions = 0  # head and loss over chunks of this many positions, logits never
+                                # whole; 0: automatic (chunks where logits are large); >= context: whole
 
     c.data = d = ConfigDict()
     d.path = "builtin:python_docs"  # .txt/.jsonl(.gz) file, directory or glob (comma-separated),
@@ -127,7 +130,7 @@ _CHOICES = {
     "model.mlp": ("gelu", "gelu_exact", "swiglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("auto", "xla", "cudnn"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "splash"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
 DATA_FORMATS = ("text", "prompt_completion")
@@ -142,6 +145,23 @@ def _get(config: ConfigDict, path: str):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def resolve_attention(impl: str, dtype: str, dropout: float) -> str:
+    """The attention implementation a model runs (lm/attention.py). `auto`: Pallas splash attention
+    on a TPU, cuDNN's fused attention on a GPU in 16-bit, else xla. Neither fused kernel has
+    attention dropout: `auto` with dropout is xla, and naming one of them with dropout is refused."""
+    if impl == "auto":
+        backend = jax.default_backend()
+        if dropout == 0 and backend == "tpu":
+            return "splash"
+        if dropout == 0 and backend == "gpu" and dtype != "float32":
+            return "cudnn"
+        return "xla"
+    _check(dropout == 0 or impl == "xla",
+           f"config.model.attention_impl={impl!r} has no attention dropout, and "
+           f"config.model.dropout={dropout}; set the dropout to 0, or attention_impl to xla or auto")
+    return impl
 
 
 def mesh_shapes(config: ConfigDict, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -237,9 +257,15 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
            f"rope needs an even head dimension, got d_model/num_heads={m.d_model // m.num_heads}")
     validate_rope_scaling(m)
     _check(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
+    resolve_attention(m.attention_impl, m.dtype, m.dropout)
     _check(m.attention_impl != "cudnn" or (jax.default_backend() == "gpu" and m.dtype != "float32"),
            f"config.model.attention_impl='cudnn' needs a GPU and a 16-bit config.model.dtype (here "
            f"{jax.default_backend()}, {m.dtype}); use 'auto' to pick it only where it runs")
+    _check(m.attention_impl != "splash" or jax.default_backend() == "tpu",
+           f"config.model.attention_impl='splash' needs a TPU (here {jax.default_backend()}, where "
+           f"Pallas would only interpret it, slowly); use 'auto' to pick it only where it runs")
+    _check(m.loss_chunk_positions >= 0,
+           f"config.model.loss_chunk_positions={m.loss_chunk_positions} must be >= 0 (0: automatic)")
     _check(m.remat_policy == "none" or hasattr(jax.checkpoint_policies, m.remat_policy),
            f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
            f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")

@@ -21,7 +21,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from lm import sharding
-from lm.model import Transformer, token_losses
+from lm.model import Transformer
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -34,23 +34,19 @@ class TrainState(struct.PyTreeNode):
 
 
 def loss_sums(params: Any, model: Transformer, batch: Batch, z_loss: float,
-              dropout_rng: jax.Array | None, score_in_chunks: bool = False
+              dropout_rng: jax.Array | None, train: bool = True
               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(objective summed over positions, (summed nll, number of scored positions)).
 
     Sums rather than means, so that micro-batches add up to exactly the full batch's gradient.
-    `score_in_chunks` has the model make its logits a chunk of positions at a time: faster
-    forward (GPT-2 8x1024 perplexity 1.37x on a CPU), slower through a gradient (8x256 step ~5%).
+    The model makes its logits a chunk of positions at a time where they are large (`train`: for a
+    gradient, where whole logits stay faster up to a larger size; see lm/model.py: loss_chunk).
     """
-    inputs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                  deterministic=dropout_rng is None,
-                  rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-    if score_in_chunks:
-        nll, log_z = model.apply({"params": params}, batch["inputs"], targets=batch["targets"],
-                                 **inputs)
-    else:
-        nll, log_z = token_losses(model.apply({"params": params}, batch["inputs"], **inputs),
-                                  batch["targets"])
+    nll, log_z = model.apply(
+        {"params": params}, batch["inputs"], positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"), deterministic=dropout_rng is None,
+        targets=batch["targets"], train=train,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
     weights = batch["mask"].astype(jnp.float32)
     nll = jnp.sum(nll * weights)
     return nll + z_loss * jnp.sum(jnp.square(log_z) * weights), (nll, jnp.sum(weights))
@@ -102,7 +98,7 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
 
 
 def eval_step(params: Any, batch: Batch, *, model: Transformer) -> Metrics:
-    _, (nll, count) = loss_sums(params, model, batch, 0.0, None, score_in_chunks=True)
+    _, (nll, count) = loss_sums(params, model, batch, 0.0, None, train=False)
     return {"nll": nll, "tokens": count}
 
 
