@@ -8,8 +8,9 @@ A prepared directory holds:
     tokenizer.json    the tokenizer (lm/tokenizer.py's format)
     counts.npy        [2, tokenizer vocab] int64: frequencies of the scored tokens of train and val
     train-00000.bin   raw token ids, uint16 when the vocabulary fits (<= 65536 ids) else uint32;
-                      each document is followed by the end-of-document id, and a split's shards
-                      concatenate to its token stream
+                      a split's shards concatenate to its token stream, which starts with the
+                      end-of-document id and has one after each document: every document comes
+                      after one, as `tokenizer.document_ids` starts a document
     train-00000.mask  prompt/completion data only: uint8 per token, 1 where the token is scored as
                       a target (completion and end-of-document), 0 on prompt tokens
     val-00000.bin ...
@@ -114,6 +115,12 @@ def _encode(tokenizer: tokenizers.Tokenizer, docs: Sequence[corpus.Document], dt
     return ids.astype(dtype), weights, np.bincount(scored, minlength=tokenizer.vocab_size)
 
 
+def _after_end_of_document(ids: np.ndarray, weights: np.ndarray | None, eos_id: int
+                           ) -> tuple[np.ndarray, np.ndarray | None]:
+    ids = np.concatenate([np.array([eos_id], ids.dtype), ids])
+    return ids, None if weights is None else np.concatenate([np.zeros(1, weights.dtype), weights])
+
+
 _worker_tokenizer: tokenizers.Tokenizer | None = None  # one per worker process, built once
 
 
@@ -198,6 +205,8 @@ def _tokenize_splits(directory: Path, splits: dict[str, list[corpus.Document]],
                        (_encode(tokenizer, *task) for task in inputs))
             writer, tokens = _ShardWriter(directory, name), 0
             for (ids, weights, chunk_counts), (_, size) in zip(results, split_tasks):
+                if not tokens:  # the stream's first document starts after one too (never a target)
+                    ids, weights = _after_end_of_document(ids, weights, tokenizer.eos_id)
                 writer.write(ids, weights)
                 counts[row] += chunk_counts
                 tokens += len(ids)
