@@ -6,8 +6,10 @@ be overridden on the command line (`--config.model.num_layers=2`).
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -230,6 +232,31 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
                f"config.mesh.tensor={tensor} (heads are split over the tensor axis)")
     _check(m.d_model % fsdp == 0,
            f"config.model.d_model={m.d_model} must be divisible by config.mesh.fsdp={fsdp}")
+
+
+def load_run_config(workdir: str | Path) -> ConfigDict:
+    """A workdir's config.json over today's defaults: the one reader of a saved run config, so a
+    workdir written by an older lm (without fields added since) loads with their defaults."""
+    path = Path(workdir) / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist; pass a workdir that lm.train or lm.hf import "
+                          f"wrote") from None
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    config = default_config()
+
+    def merge(target: ConfigDict, values: dict) -> None:
+        for key, value in values.items():
+            if key not in target:  # a field removed since: nothing reads it
+                continue
+            if isinstance(target[key], ConfigDict) and isinstance(value, dict):
+                merge(target[key], value)
+            else:
+                target[key] = type(target[key])(value) if isinstance(target[key], float) else value
+    merge(config, saved)
+    return config
 
 
 def load_config_flag(flag: flags.FlagHolder) -> ConfigDict:

@@ -33,7 +33,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from lm import tokenizer as tokenizers
-from lm.config import ConfigError, default_config
+from lm.config import ConfigError, default_config, load_run_config
 from lm.model import ModelConfig
 
 GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
@@ -497,24 +497,6 @@ def _save_params(params: Any, checkpoints: Path, step: int = 0) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Export.
-
-def load_run_config(workdir: str | Path) -> ConfigDict:
-    """A workdir's config.json over today's defaults (fields it lacks keep their defaults)."""
-    saved = _read_json(Path(workdir) / "config.json", "pass a workdir that lm.train or "
-                       "lm.hf import wrote")
-    config = default_config()
-
-    def merge(target: ConfigDict, values: dict) -> None:
-        for key, value in values.items():
-            if key not in target:
-                continue
-            if isinstance(target[key], ConfigDict) and isinstance(value, dict):
-                merge(target[key], value)
-            else:
-                target[key] = type(target[key])(value) if isinstance(target[key], float) else value
-    merge(config, saved)
-    return config
-
 
 def _run_model_config(config: ConfigDict, tok: Any) -> ModelConfig:
     if tok is None and not config.model.vocab_size:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,7 +20,7 @@ from ml_collections import ConfigDict
 
 from lm import checkpoint, sharding
 from lm import tokenizer as tokenizers
-from lm.config import ConfigError
+from lm.config import ConfigError, load_run_config
 from lm.model import ModelConfig, Transformer
 from lm.perplexity import Score, score_documents
 from lm.sampling import SamplingOptions, decoding_layout, decoding_model, generate
@@ -134,7 +133,7 @@ def load(path: str | Path, *, step: int | None = None, fsdp: int = 1, tensor: in
     checkpoint step directory, on a mesh of `devices` (default: all): `fsdp` and `tensor` as given,
     the rest data-parallel."""
     workdir, step_dir = _workdir_and_step(Path(path).resolve(), step)
-    config = ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = load_run_config(workdir)
     config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor)
     tokenizer = tokenizers.load(workdir / "tokenizer.json")
     mesh = sharding.make_mesh(config, devices)

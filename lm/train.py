@@ -26,7 +26,7 @@ from ml_collections import ConfigDict, config_flags
 from lm import checkpoint, compilation_cache, data, distributed, flops, optim, prepare
 from lm import sampling, sharding, step
 from lm import tokenizer as tokenizers
-from lm.config import ConfigError, load_config_flag, parse_flags, validate
+from lm.config import ConfigError, load_config_flag, load_run_config, parse_flags, validate
 from lm.metrics import Reporter, console
 from lm.preflight import preflight
 from lm.model import ModelConfig, Transformer
@@ -75,10 +75,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def _check_resumable(config: ConfigDict, workdir: Path) -> None:
     """Refuse a config that changes what the workdir's checkpoints mean; log harmless changes."""
-    saved = workdir / "config.json"
-    if not saved.exists():
+    if not (workdir / "config.json").exists():
         return
-    old, new = _flatten(json.loads(saved.read_text())), _flatten(json.loads(config.to_json()))
+    old = _flatten(json.loads(load_run_config(workdir).to_json()))
+    new = _flatten(json.loads(config.to_json()))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     frozen = [k for k in changed if k.startswith(_FROZEN)]
     if frozen:

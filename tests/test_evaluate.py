@@ -3,6 +3,7 @@ devices, sampling from the command line, and one-line errors for bad input."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,10 @@ import pytest
 
 import lm
 from lm import corpus
-from lm.config import default_config
+from lm.config import default_config, load_run_config
 from lm.perplexity import windows
 from lm.tokenizer import document_ids
-from lm.train import train_and_evaluate
+from lm.train import _check_resumable, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Return the number of items.", "x = 1\n", "Raise ValueError if missing."]
@@ -99,6 +100,26 @@ def test_load_takes_a_checkpoint_step_directory_or_a_step(workdir):
     assert lm.load(workdir).step == 10
     assert lm.load(workdir, step=5).step == 5
     assert lm.load(workdir / "checkpoints" / "5").step == 5
+
+
+def test_a_workdir_written_by_an_older_lm_loads_and_resumes_with_todays_defaults(
+        tmp_path, workdir, run):
+    """Its config.json lacks the fields added since (they take their defaults) and may hold one
+    removed since (ignored): lm.load and the train binary's resume check read it alike."""
+    saved = json.loads((workdir / "config.json").read_text())
+    for section, field in (("mesh", "dcn_data"), ("mesh", "dcn_fsdp"),
+                           ("model", "vocab_multiple"), ("model", "attention_impl")):
+        del saved[section][field]
+    saved["train"]["a_field_removed_since"] = 1
+    old = tmp_path / "old"
+    shutil.copytree(workdir / "checkpoints" / "10", old / "checkpoints" / "10")
+    shutil.copy(workdir / "tokenizer.json", old)
+    (old / "config.json").write_text(json.dumps(saved))
+    loaded = lm.load(old)
+    assert loaded.config.model.vocab_multiple == 128 and loaded.step == 10
+    ids = document_ids(run.tokenizer, TEXTS[0])
+    np.testing.assert_array_equal(loaded.logits(ids), run.logits(ids))
+    _check_resumable(load_run_config(workdir), old)  # nothing that fixes the checkpoints changed
 
 
 def evaluate(*args, timeout=300):
