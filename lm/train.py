@@ -85,9 +85,26 @@ def _check_resumable(config: ConfigDict, workdir: Path) -> None:
         raise ConfigError(f"{workdir} was created with {frozen[0]}={old.get(frozen[0])!r}, not "
                           f"{new.get(frozen[0])!r} ({len(frozen)} such fields differ); use a new "
                           f"--workdir, or --config.train.init_from={workdir} to fine-tune from it")
+    _check_decay_length(old, new)
     for key in changed:
         console(f"config change since this workdir was created: {key} {old.get(key)!r} -> "
                 f"{new.get(key)!r}")
+
+
+def _check_decay_length(old: dict, new: dict) -> None:
+    """Refuse a resume whose learning-rate decay would change length mid-run only because
+    `optim.decay_steps=0` follows `train.steps`: the rest of the run would follow another schedule
+    than its first part. Setting decay_steps says which one the user wants."""
+    def length(flat: dict) -> int:
+        return flat["optim.decay_steps"] or flat["train.steps"]
+    if new["optim.schedule"] != "constant" and not new["optim.decay_steps"] \
+            and length(old) != length(new):
+        raise ConfigError(
+            f"resuming with config.train.steps={new['train.steps']} would move the end of the "
+            f"learning-rate decay from step {length(old)} to {length(new)} mid-run "
+            f"(config.optim.decay_steps=0 follows train.steps); pass "
+            f"--config.optim.decay_steps={length(old)} to keep this run's schedule, or "
+            f"={length(new)} to stretch the rest of it")
 
 
 def _check_finite(metrics, step_number: int, skip: bool) -> None:
