@@ -20,7 +20,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from lm import sharding
+from lm import optim, sharding
 from lm.model import Transformer, token_losses
 
 Batch = dict[str, jax.Array]
@@ -71,7 +71,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
     """One optimizer update on the global batch, accumulated over `grad_accum_steps` micro-batches.
 
     `metrics["nonfinite"]` is 1 when the loss or the gradient is NaN/inf; with `skip_nonfinite` such
-    an update is dropped (the step count still advances, so the data moves on).
+    an update is dropped (the step count still advances, so the data moves on, and the learning
+    rate is always the schedule's at the step).
     """
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
@@ -89,7 +90,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
     (grad_sum, nll_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
     grads = jax.tree.map(lambda g: g / count, grad_sum)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer.update(grads, optim.at_step(state.opt_state, state.step),
+                                          state.params)
     params = optax.apply_updates(state.params, updates)
     loss, grad_norm = nll_sum / count, optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
