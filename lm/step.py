@@ -72,7 +72,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
 
     `metrics["nonfinite"]` is 1 when the loss or the gradient is NaN/inf; with `skip_nonfinite` such
     an update is dropped (the step count still advances, so the data moves on, and the learning
-    rate is always the schedule's at the step).
+    rate is always the schedule's at the step). A batch with no scored position has loss and
+    gradient 0 and counts 0 tokens.
     """
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
@@ -88,12 +89,13 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
     micro = (jnp.arange(grad_accum_steps), _micro_batches(batch, grad_accum_steps))
     (grad_sum, nll_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
-    grads = jax.tree.map(lambda g: g / count, grad_sum)
+    scored = jnp.where(count > 0, count, 1.0)  # nothing scored: sums of 0 over 1, not 0/0
+    grads = jax.tree.map(lambda g: g / scored, grad_sum)
 
     updates, opt_state = optimizer.update(grads, optim.at_step(state.opt_state, state.step),
                                           state.params)
     params = optax.apply_updates(state.params, updates)
-    loss, grad_norm = nll_sum / count, optax.tree.norm(grads)
+    loss, grad_norm = nll_sum / scored, optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),

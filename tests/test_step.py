@@ -88,6 +88,14 @@ def test_a_tiny_model_overfits_one_batch():
     assert evaluated["nll"] / evaluated["tokens"] < 0.3
 
 
+def test_a_batch_with_every_position_masked_has_loss_and_gradient_zero_and_no_tokens():
+    mesh, steps = compiled()
+    batch = {**make_batch(), "mask": np.zeros((BATCH, LENGTH), np.float32)}
+    _, [metrics] = train(mesh, steps, batch, 1)
+    assert (metrics["loss"], metrics["grad_norm"], metrics["tokens"], metrics["nonfinite"]) == (
+        0.0, 0.0, 0.0, 0.0)
+
+
 def test_a_skipped_update_leaves_the_learning_rate_the_schedules_at_the_step():
     """Warmup over 2 steps: the learning rate is 0 at step 0, half the peak at step 1. After a
     skipped step 0, step 1 applies half the peak: Adam's first update moves a parameter without
