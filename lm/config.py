@@ -208,6 +208,9 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     _check(m.attention_impl != "cudnn" or (jax.default_backend() == "gpu" and m.dtype != "float32"),
            f"config.model.attention_impl='cudnn' needs a GPU and a 16-bit config.model.dtype (here "
            f"{jax.default_backend()}, {m.dtype}); use 'auto' to pick it only where it runs")
+    _check(m.dtype != "float16",
+           "config.model.dtype='float16' would train without loss scaling (small gradients "
+           "underflow to 0); use bfloat16, which has float32's range")
     _check(m.remat_policy == "none" or hasattr(jax.checkpoint_policies, m.remat_policy),
            f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
            f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")

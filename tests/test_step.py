@@ -123,6 +123,14 @@ def test_a_skipped_update_leaves_the_learning_rate_the_schedules_at_the_step():
     assert checked > 100
 
 
+def test_float16_training_without_loss_scaling_is_refused():
+    c = valid_config()
+    c.model.dtype = "float16"
+    with pytest.raises(ConfigError, match=r"config.model.dtype='float16' would train without loss "
+                                          r"scaling.*use bfloat16"):
+        validate(c, num_devices=8)
+
+
 def test_the_cpu_train_step_runs_xlas_own_dots_not_ynnpack_fusions():
     _, steps = compiled()
     assert "__ynn_fusion" not in steps.train.as_text()
