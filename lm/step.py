@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from jax.sharding import Mesh
+from ml_collections import ConfigDict
 
 from lm import optim, sharding
 from lm.model import Transformer, token_losses
@@ -200,3 +201,14 @@ def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
         memory_bytes_per_device=None if memory is None else (
             memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes))
+
+
+def compile_run(config: ConfigDict, model: Transformer, mesh: Mesh) -> CompiledSteps:
+    """The steps a run of `config` trains with: its optimizer and schedule, batch, accumulation,
+    document packing and non-finite skipping (what `lm.train` runs and `--preflight` measures)."""
+    t = config.train
+    return compile_steps(
+        model, optim.make_optimizer(config.optim, t.steps),
+        optim.learning_rate_schedule(config.optim, t.steps), mesh, seed=config.seed,
+        batch_size=t.batch_size, z_loss=t.z_loss, grad_accum_steps=config.optim.grad_accum_steps,
+        skip_nonfinite=t.skip_nonfinite, segments=config.data.segment_documents)

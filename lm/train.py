@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import checkpoint, compilation_cache, data, distributed, flops, optim, prepare
+from lm import checkpoint, compilation_cache, data, distributed, flops, prepare
 from lm import sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, load_run_config, parse_flags, validate
@@ -172,12 +172,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
         tokenizers.save(prepared.tokenizer, saved_tokenizer)
 
     model = Transformer(cfg)
-    schedule = optim.learning_rate_schedule(config.optim, t.steps)
-    steps = step.compile_steps(model, optim.make_optimizer(config.optim, t.steps), schedule, mesh,
-                               seed=config.seed, batch_size=t.batch_size, z_loss=t.z_loss,
-                               grad_accum_steps=config.optim.grad_accum_steps,
-                               skip_nonfinite=t.skip_nonfinite,
-                               segments=config.data.segment_documents)
+    steps = step.compile_run(config, model, mesh)
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", t)
     state = _restore_or_init(steps, checkpointer, train_iter, t.init_from)
     start = int(state.step)
