@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from compilations import compilations
+
 import lm
 from lm import corpus
 from lm.config import default_config, load_run_config
@@ -94,6 +96,14 @@ def test_perplexity_is_the_same_on_one_device_and_on_an_8_device_mesh(workdir, r
     assert one.tokens == mixed.tokens == eight.tokens
     assert mixed.nats == pytest.approx(one.nats, rel=1e-5)
     assert eight.nats == pytest.approx(one.nats, rel=1e-5)
+
+
+def test_scoring_other_texts_again_compiles_nothing(run):
+    run.perplexity(TEXTS)
+    with compilations() as compiled:
+        score = run.perplexity(["Another text entirely, longer than the context of 32 tokens."],
+                               stride=8)
+    assert compiled == [] and score.tokens > 32
 
 
 def test_load_takes_a_checkpoint_step_directory_or_a_step(workdir):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compilations import compilations
 from test_model import LENGTH, VARIANTS, VOCAB, logits, model_config, random_params, random_tokens
 
 from lm import sharding
@@ -127,6 +128,18 @@ def test_generation_on_an_8_device_mesh_equals_one_device(llama):
     single = generate(model, params, PROMPTS, 8, options=options, seed=5)
     meshed = generate(model, sharded, PROMPTS, 8, options=options, seed=5, mesh=mesh)
     assert [r.tolist() for r in meshed] == [r.tolist() for r in single]
+
+
+def test_new_sampling_options_and_streamers_reuse_the_compiled_decoder(llama):
+    model, params = llama
+    generate(model, params, PROMPTS, 8, options=SamplingOptions(0.8), on_token=lambda _: None)
+    with compilations() as compiled:
+        for options in (SamplingOptions(0.5, top_p=0.9), SamplingOptions(1.3, top_k=20),
+                        SamplingOptions(0.7, top_k=5, top_p=0.95), SamplingOptions(0.0)):
+            streamed = []
+            rows = generate(model, params, PROMPTS, 8, options=options, on_token=streamed.append)
+            np.testing.assert_array_equal(np.stack(streamed, 1)[:len(PROMPTS)], rows)
+    assert compiled == []
 
 
 def test_padding_ids_beyond_the_tokenizer_vocabulary_are_never_chosen(llama):
