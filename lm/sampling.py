@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import threading
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -128,14 +129,35 @@ def decoding_layout(model: Transformer, params: Any) -> tuple[Transformer, Any]:
     return laid_out, jax.tree_util.tree_map_with_path(transpose, params, shapes["params"])
 
 
+class _InOrder:
+    """Passes each step's tokens to `on_token` in step order. The decoder's callbacks are
+    unordered (JAX orders effects on one device only) and may arrive in any order."""
+
+    def __init__(self, on_token: Callable[[np.ndarray], None]):
+        self.on_token, self.next, self.pending = on_token, 0, {}
+        self.lock = threading.Lock()
+
+    def __call__(self, step: int, tokens: np.ndarray) -> None:
+        with self.lock:
+            self.pending[step] = tokens
+            while self.next in self.pending:
+                self.on_token(self.pending.pop(self.next))
+                self.next += 1
+
+
 # The streamers of the decoders running now, by id: a compiled decoder calls back into the one whose
 # id it is given, so a new streamer needs no new program.
-_STREAMERS: dict[int, Callable[[np.ndarray], None]] = {}
+_STREAMERS: dict[int, _InOrder] = {}
 _stream_ids = itertools.count()
 
 
-def _stream(stream_id: jax.Array, tokens: jax.Array) -> None:
-    _STREAMERS[int(stream_id)](tokens)
+def _stream(stream_id: jax.Array, step: jax.Array, tokens: jax.Array) -> None:
+    _STREAMERS[int(stream_id)](int(step), np.asarray(tokens))
+
+
+def _send(stream_id: jax.Array, step: jax.Array, tokens: jax.Array) -> None:
+    # Replicated first: the callback reads the tokens on one device, gathered cheaply from copies.
+    jax.debug.callback(_stream, stream_id, step, nn.with_logical_constraint(tokens, (None,)))
 
 
 def _decode(model: Transformer, max_new: int, valid_vocab: int, eos_id: int, streams: bool,
@@ -150,7 +172,7 @@ def _decode(model: Transformer, max_new: int, valid_vocab: int, eos_id: int, str
     token = choose(logits[jnp.arange(batch), lengths - 1], key, options, valid_vocab)
     out = jnp.full((batch, max_new), eos_id, jnp.int32).at[:, 0].set(token)
     if streams:
-        jax.debug.callback(_stream, stream_id, token, ordered=True)
+        _send(stream_id, 0, token)
 
     def running(carry):
         i, _, _, _, done, _ = carry
@@ -163,7 +185,7 @@ def _decode(model: Transformer, max_new: int, valid_vocab: int, eos_id: int, str
         rng, key = jax.random.split(rng)
         token = jnp.where(done, eos_id, choose(logits[:, 0], key, options, valid_vocab))
         if streams:
-            jax.debug.callback(_stream, stream_id, token, ordered=True)
+            _send(stream_id, i, token)
         return i + 1, token, cache, out.at[:, i].set(token), done | (token == eos_id), rng
 
     carry = (jnp.int32(1), token, cache, out, token == eos_id, rng)
@@ -212,7 +234,7 @@ def generate(model: Transformer, params: Any, prompts: Sequence[Sequence[int]],
         params, tokens, lengths, jax.random.key(seed), options.as_arrays())
     stream_id = next(_stream_ids)
     if on_token is not None:
-        _STREAMERS[stream_id] = on_token
+        _STREAMERS[stream_id] = _InOrder(on_token)
     try:
         if mesh is None:
             out = decode(np.int32(stream_id))
