@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
@@ -26,6 +27,7 @@ from lm import compilation_cache
 from lm.config import ConfigError, parse_flags
 from lm.metrics import console
 from lm.sampling import SamplingOptions
+from lm.tokenizer import document_ids
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir, or a checkpoint step "
                                "directory (workdir/checkpoints/N).")
@@ -53,6 +55,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Cut a sample before this string; repeatable.")
 _TRUNCATE = flags.DEFINE_bool("truncate_prompt", False, "Keep a too-long prompt's last tokens "
                               "instead of failing.")
+_SKIP_SPECIAL = flags.DEFINE_bool("skip_special_tokens", True, "Leave special tokens (e.g. "
+                                  "<|endoftext|>) out of the printed samples, as HuggingFace's "
+                                  "decode does; --noskip_special_tokens shows them.")
 
 
 def _documents(run) -> tuple[list[str], str]:
@@ -95,8 +100,10 @@ def _prompts() -> list[str]:
     return prompts or [""]
 
 
-def _fit(run, prompt: str) -> tuple[str, int]:
-    """(prompt, new tokens) within the context; a too-long prompt fails unless truncated."""
+def _fit(run, prompt: str) -> tuple[np.ndarray, int]:
+    """(prompt ids, new tokens) within the context. The prompt starts a document; a too-long one
+    fails unless truncated, which keeps its last ids as they are (token ids, never re-encoded
+    text: decoding a cut can change the tokens), with no document start before them."""
     context = run.model.cfg.context_length
     ids = run.tokenizer.encode(prompt)
     if _MAX_NEW.value is not None:
@@ -109,14 +116,13 @@ def _fit(run, prompt: str) -> tuple[str, int]:
     if new >= context:
         raise ConfigError(f"{new} new tokens leave no room for a prompt in the model's context of "
                           f"{context}; ask for at most {context - 1} with --max_new_tokens")
-    room = context - new - 1  # the end-of-document id that starts every document comes first
-    if len(ids) > room:
-        if not _TRUNCATE.value:
-            raise ConfigError(f"the prompt ({len(ids)} tokens) plus {new} new tokens exceeds the "
-                              f"context of {context} tokens; shorten it, ask for fewer tokens, or "
-                              f"pass --truncate_prompt to keep its end")
-        prompt = run.tokenizer.decode(ids[len(ids) - room:]) if room else ""
-    return prompt, new
+    if len(ids) + 1 <= context - new:  # the end-of-document id that starts a document comes first
+        return document_ids(run.tokenizer, prompt), new
+    if not _TRUNCATE.value:
+        raise ConfigError(f"the prompt ({len(ids)} tokens) plus {new} new tokens exceeds the "
+                          f"context of {context} tokens; shorten it, ask for fewer tokens, or "
+                          f"pass --truncate_prompt to keep its end")
+    return ids[len(ids) - (context - new):], new
 
 
 def _check_sampling_flags() -> None:
@@ -130,20 +136,22 @@ def _check_sampling_flags() -> None:
 
 def sample(run) -> dict:
     fitted = [_fit(run, p) for p in _prompts()]
-    prompts = [p for p, _ in fitted for _ in range(_NUM.value)]
+    prompts = [ids for ids, _ in fitted for _ in range(_NUM.value)]
+    shown = [run.tokenizer.decode(ids, _SKIP_SPECIAL.value) for ids in prompts]
     new = min(n for _, n in fitted)
     stream = len(prompts) == 1 and not _STOP.value and sys.stdout.isatty()
     if stream:
-        print(prompts[0], end="", flush=True)
+        print(shown[0], end="", flush=True)
     texts = run.generate(prompts, new, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                          top_p=_TOP_P.value, seed=_SEED.value, stop=_STOP.value,
-                         on_text=(lambda t: print(t, end="", flush=True)) if stream else None)
+                         on_text=(lambda t: print(t, end="", flush=True)) if stream else None,
+                         skip_special_tokens=_SKIP_SPECIAL.value)
     if stream:
         print()
     else:
-        for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        for i, (prompt, text) in enumerate(zip(shown, texts)):
             console(f"--- sample {i + 1} ---\n{prompt}{text}")
-    return {"step": run.step, "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]}
+    return {"step": run.step, "samples": [{"prompt": p, "text": t} for p, t in zip(shown, texts)]}
 
 
 def main(argv: list[str]) -> None:

@@ -230,7 +230,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
         [tokens] = sampling.generate(model, state.params, [prompt[-(cfg.context_length - length):]],
                                      length, options=options, seed=config.seed, mesh=mesh,
                                      valid_vocab=prepared.tokenizer.vocab_size)
-        text = prepared.tokenizer.decode(tokens)
+        text = prepared.tokenizer.decode(tokens, skip_special_tokens=True)
         console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
     return {"train_loss": metrics.get("loss"), "val_loss": val_loss, "unigram_baseline": unigram,
             "steps": t.steps}

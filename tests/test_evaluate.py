@@ -190,6 +190,63 @@ def test_a_too_long_prompt_is_truncated_from_the_left_when_asked(workdir):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.fixture(scope="module")
+def special_workdir(tmp_path_factory):
+    """A workdir of a random model with a byte-level BPE (HuggingFace `tokenizers`) whose head
+    always prefers the special token <|im_start|>; "€" is three tokens (no merge has its bytes)."""
+    hf_tokenizers = pytest.importorskip("tokenizers")
+    import flax.linen as nn
+    import orbax.checkpoint as ocp
+    from lm import tokenizer as tokenizers
+    from lm.model import ModelConfig, Transformer
+
+    workdir = tmp_path_factory.mktemp("special")
+    bpe = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
+    bpe.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = hf_tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(["alpha bravo charlie delta echo"] * 50, hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|endoftext|>", "<|im_start|>"],
+        initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = tokenizers.HuggingFaceTokenizer(bpe.to_str(), eos_id=0)
+    tokenizers.save(tokenizer, workdir / "tokenizer.json")
+    config = default_config()
+    config.model.update(num_layers=1, num_heads=4, d_model=32, context_length=32)
+    (workdir / "config.json").write_text(config.to_json())
+    model = Transformer(ModelConfig.for_run(config, tokenizer.vocab_size, 1))
+    params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 32), np.int32))["params"])
+    # The final norm outputs e_0 at every position, so the logits are the embeddings' column 0.
+    params["final_norm"] = {"scale": np.zeros(32, np.float32),
+                            "bias": np.eye(32, dtype=np.float32)[0]}
+    params["embed"] = params["embed"].at[bpe.token_to_id("<|im_start|>"), 0].set(100.0)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(workdir / "checkpoints" / "0" / "params", params)
+    checkpointer.wait_until_finished()
+    return workdir
+
+
+def test_samples_leave_special_tokens_out_unless_asked(special_workdir):
+    run = lm.load(special_workdir)
+    assert run.generate("alpha", 5, temperature=0) == [""]
+    assert run.generate("alpha", 5, temperature=0, skip_special_tokens=False) == [
+        "<|im_start|>" * 5]
+    streamed = []
+    assert run.generate("alpha", 5, temperature=0.5, on_text=streamed.append) == [""]
+    assert "".join(streamed) == ""
+
+
+def test_a_truncated_prompt_keeps_its_last_token_ids_not_a_reencoding_of_them(special_workdir,
+                                                                             tmp_path):
+    # Decoding 26 of the 60 ids of 20 "€" starts inside a character: U+FFFD, which re-encodes as
+    # three ids per cut byte, longer than the room.
+    out = tmp_path / "samples.json"
+    result = evaluate(f"--workdir={special_workdir}", "--mode=sample", "--prompt=" + "€" * 20,
+                      "--max_new_tokens=5", "--truncate_prompt", "--temperature=0",
+                      f"--output_json={out}")
+    assert result.returncode == 0, result.stderr
+    [sample] = json.loads(out.read_text())["samples"]
+    assert sample["prompt"].endswith("€" * 9) and sample["text"] == ""
+
+
 def test_a_workdir_without_checkpoints_or_an_empty_data_file_is_a_one_line_error(tmp_path, workdir):
     (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
     empty = tmp_path / "empty.txt"
