@@ -598,6 +598,8 @@ def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: Path) -> None:
 # Command line.
 
 def main(argv: list[str]) -> None:
+    """`python -m lm.hf import|export`: the flags `run` defines, to `import_checkpoint` or
+    `export_checkpoint`; errors as one line."""
     from absl import flags
 
     f = flags.FLAGS
@@ -635,7 +637,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {e}")
 
 
-if __name__ == "__main__":
+def run(argv: list[str] | None = None) -> None:
+    """The binary, from Python too: `run(["lm.hf", "import", "--hf_dir=...", "--workdir=..."])`
+    (default: sys.argv). Its flags are defined here, not on import, which would clash with an
+    importer's own (lm.train's --workdir)."""
     from absl import app, flags, logging
 
     from lm.config import parse_flags
@@ -647,4 +652,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("tokenizer", None, "import: a tokenizer.json, a folder holding one, or a "
                         "sentencepiece .model, when --hf_dir has none (or to replace its own).")
     logging.set_verbosity(logging.WARNING)
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, argv=argv, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

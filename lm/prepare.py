@@ -36,7 +36,8 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-from ml_collections import ConfigDict
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
 from tqdm import tqdm
 
 from lm import corpus
@@ -330,26 +331,33 @@ def prepared_data(data: ConfigDict, seed: int, workdir: str | Path,
 
 
 def main(argv: list[str]) -> None:
+    """`python -m lm.prepare`: the flags `run` defines, to `prepare`; errors as one line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _OUT.value:
+    out = flags.FLAGS.out
+    if not out:
         sys.exit("error: --out is required (the directory to write the prepared data into)")
-    config = load_config_flag(_CONFIG)
+    config = load_config_flag(flags.FLAGS["config"])
     try:
         validate_data(config.data)
-        prepare(config.data, config.seed, _OUT.value)
+        prepare(config.data, config.seed, out)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    console(f"train on it with --config.data.path={_OUT.value}")
+    console(f"train on it with --config.data.path={out}")
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The binary, from Python too: `run(["lm.prepare", "--config=...", "--out=DIR"])` (default:
+    sys.argv). Its flags are defined here, not on import: lm.train imports this module and has a
+    --config of its own."""
+    config_flags.DEFINE_config_file(
+        "config", str(Path(__file__).resolve().parents[1] / "configs" / "default.py"),
+        "Run config file: its `data` section and `seed` say what to prepare.", lock_config=True,
+        sys_argv=argv)  # where its --config.* overrides are
+    flags.DEFINE_string("out", None, "Directory to write the prepared data into.")
+    logging.set_verbosity(logging.WARNING)
+    app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-    from absl import app, flags, logging
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", str(Path(__file__).resolve().parents[1] / "configs" / "default.py"),
-        "Run config file: its `data` section and `seed` say what to prepare.", lock_config=True)
-    _OUT = flags.DEFINE_string("out", None, "Directory to write the prepared data into.")
-    logging.set_verbosity(logging.WARNING)
-    app.run(main, flags_parser=parse_flags)
+    run()

@@ -345,7 +345,9 @@ def main(argv: list[str]) -> None:
           f"--config.data.tokenizer={out}")
 
 
-if __name__ == "__main__":
+def run(argv: list[str] | None = None) -> None:
+    """The binary, from Python too: `run(["lm.tokenizer", "--input=...", "--model_prefix=..."])`
+    (default: sys.argv); its flags are defined here, not on import."""
     from absl import app, flags
 
     flags.DEFINE_list("input", None, "Text files or globs (comma-separated).", required=True)
@@ -356,4 +358,8 @@ if __name__ == "__main__":
                        "rest fall back to bytes (lower it for large alphabets only if needed).")
     flags.DEFINE_list("user_defined_symbols", [], "Special tokens that are never split.")
     flags.DEFINE_integer("max_sentences", 5_000_000, "Lines sampled for training, at most.")
-    app.run(main)
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run()

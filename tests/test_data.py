@@ -398,6 +398,33 @@ def test_prepare_binary_writes_shards_and_reports_bad_input_in_one_line(tmp_path
     assert not (tmp_path / "bad").exists()
 
 
+def test_the_prepare_tokenizer_and_hf_binaries_run_from_python(tmp_path):
+    """Each binary's `run(argv)` defines its flags and runs it (as `python -m` does), so all three
+    run in one Python process, each with its own flags."""
+    inputs = write_docs(tmp_path / "in", count=3)
+    code = f"""
+from lm import hf, prepare, tokenizer
+for binary, argv in (
+        (prepare, ["lm.prepare", "--config=configs/tiny.py", "--config.data.path={inputs}",
+                   "--out={tmp_path / 'out'}"]),
+        (tokenizer, ["lm.tokenizer", "--input={inputs}/*.txt", "--vocab_size=300",
+                     "--model_prefix={tmp_path / 'spm'}"]),
+        (hf, ["lm.hf", "export", "--workdir={tmp_path / 'nowhere'}", "--hf_dir={tmp_path / 'hf'}"])):
+    try:
+        binary.run(argv)
+    except SystemExit as e:
+        print(binary.__name__, "exit", e.code)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert prepare.load(tmp_path / "out").meta["splits"]["train"]["documents"] == 3
+    assert tokenizers.SentencePieceTokenizer.from_file(tmp_path / "spm.model").vocab_size == 300
+    assert result.stdout.splitlines()[-1] == (f"lm.hf exit error: {tmp_path}/nowhere/config.json "
+                                              f"does not exist; pass a workdir that lm.train or "
+                                              f"lm.hf import wrote")
+
+
 # End to end.
 
 def test_fine_tuning_on_prompt_completion_jsonl_resumes_exactly_through_the_train_binary(tmp_path):
