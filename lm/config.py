@@ -43,7 +43,8 @@ def default_config() -> ConfigDict:
     m.use_bias = True
     m.tie_embeddings = True
     m.init_std = 0.02
-    m.dtype = "float32"         # compute dtype, e.g. bfloat16
+    m.dtype = "float32"         # compute dtype, e.g. bfloat16 (float16: inference only, since
+                                # training has no loss scaling)
     m.param_dtype = "float32"
     m.remat_policy = "none"     # none, or a jax.checkpoint_policies name, e.g. nothing_saveable
     m.scan_layers = True
@@ -58,7 +59,8 @@ def default_config() -> ConfigDict:
     d.text_field = "text"           # the field of a .jsonl line that holds a document
     d.prompt_field = "prompt"       # prompt_completion: the fields of an example
     d.completion_field = "completion"
-    d.segment_documents = False     # attention and positions restart at every document (packing)
+    d.segment_documents = False     # attention and positions restart at every document (packing),
+                                    # each from the end-of-document id before it
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
     d.read_threads = 0              # grain reader threads; 0 reads in the training thread, best for
                                     # local shards (page cache); raise it for slow or network disks
@@ -68,7 +70,7 @@ def default_config() -> ConfigDict:
     o.min_learning_rate = 1e-4
     o.warmup_steps = 100
     o.schedule = "cosine"       # cosine | linear | constant (after warmup)
-    o.decay_steps = 0           # 0: train.steps
+    o.decay_steps = 0           # 0: train.steps (a resume that changes train.steps must set it)
     o.b1 = 0.9
     o.b2 = 0.95
     o.eps = 1e-8
