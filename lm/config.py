@@ -23,42 +23,44 @@ class ConfigError(ValueError):
 
 def default_config() -> ConfigDict:
     c = ConfigDict()
-    c.seed = 0
+    c.seed = 0                  # initial weights, data order and split, dropout: one seed for all
 
     c.model = m = ConfigDict()
     m.vocab_size = 0            # 0: the tokenizer's size rounded up to `vocab_multiple`
     m.vocab_multiple = 128      # padding the vocabulary makes the head matmul and its sharding even
-    m.num_layers = 6
-    m.num_heads = 6
+    m.num_layers = 6            # Transformer blocks
+    m.num_heads = 6             # query heads; must divide d_model
     m.num_kv_heads = 0          # 0: = num_heads (multi-head); fewer: grouped-query attention
-    m.d_model = 384
+    m.d_model = 384             # residual stream width
     m.d_ff = 0                  # 0: 4*d_model for gelu, 8/3*d_model rounded up to 256 for swiglu
-    m.context_length = 256
-    m.dropout = 0.0
+    m.context_length = 256      # tokens per training window (and the learned position table)
+    m.dropout = 0.0             # on embeddings, attention weights and residual branches
     m.norm = "layernorm"        # layernorm | rmsnorm
-    m.norm_eps = 1e-5
+    m.norm_eps = 1e-5           # added to the variance in the norms
     m.position = "learned"      # learned | rope
-    m.rope_theta = 10000.0
+    m.rope_theta = 10000.0      # rope's base wavelength
     m.mlp = "gelu"              # gelu (tanh approximation, GPT-2) | gelu_exact (erf) | swiglu
-    m.use_bias = True
-    m.tie_embeddings = True
-    m.init_std = 0.02
+    m.use_bias = True           # biases in linear layers and LayerNorm (GPT-2 True, LLaMA False)
+    m.tie_embeddings = True     # the output head is the embedding table (GPT-2) or its own (LLaMA)
+    m.init_std = 0.02           # normal init std; residual output projections / sqrt(2 layers)
     m.dtype = "float32"         # compute dtype, e.g. bfloat16 (float16: inference only, since
                                 # training has no loss scaling)
-    m.param_dtype = "float32"
+    m.param_dtype = "float32"   # parameters and optimizer state
     m.remat_policy = "none"     # none, or a jax.checkpoint_policies name, e.g. nothing_saveable
-    m.scan_layers = True
+    m.scan_layers = True        # one compiled block looped over the layers: compile time flat in
+                                # depth; False unrolls them (faster steps on a CPU)
     m.attention_impl = "auto"   # auto (cuDNN flash attention on GPU in 16-bit, else xla) | xla | cudnn
 
     c.data = d = ConfigDict()
     d.path = "builtin:python_docs"  # .txt/.jsonl(.gz) file, directory or glob (comma-separated),
                                     # builtin:python_docs, or a directory `python -m lm.prepare` wrote
     d.tokenizer = "char"            # char | byte | train:N (sentencepiece, N pieces) | a .model path
+                                    # | a tokenizer .json (HuggingFace or a workdir's)
     d.val_fraction = 0.1            # held out by document; fewer than 10 texts: each one's tail
     d.format = "text"               # text | prompt_completion (jsonl examples, loss on completions)
     d.text_field = "text"           # the field of a .jsonl line that holds a document
-    d.prompt_field = "prompt"       # prompt_completion: the fields of an example
-    d.completion_field = "completion"
+    d.prompt_field = "prompt"       # prompt_completion: the field of the prompt
+    d.completion_field = "completion"  # prompt_completion: the field of the completion
     d.segment_documents = False     # attention and positions restart at every document (packing),
                                     # each from the end-of-document id before it
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
@@ -66,34 +68,34 @@ def default_config() -> ConfigDict:
                                     # local shards (page cache); raise it for slow or network disks
 
     c.optim = o = ConfigDict()
-    o.learning_rate = 1e-3
-    o.min_learning_rate = 1e-4
-    o.warmup_steps = 100
+    o.learning_rate = 1e-3      # peak, reached after warmup
+    o.min_learning_rate = 1e-4  # the floor the decay ends at
+    o.warmup_steps = 100        # linear from 0 to learning_rate
     o.schedule = "cosine"       # cosine | linear | constant (after warmup)
     o.decay_steps = 0           # 0: train.steps (a resume that changes train.steps must set it)
-    o.b1 = 0.9
-    o.b2 = 0.95
-    o.eps = 1e-8
-    o.weight_decay = 0.1
-    o.decay_embeddings = False
+    o.b1 = 0.9                  # AdamW first-moment decay
+    o.b2 = 0.95                 # AdamW second-moment decay
+    o.eps = 1e-8                # AdamW denominator epsilon
+    o.weight_decay = 0.1        # decoupled, on matrices only (not norms, biases)
+    o.decay_embeddings = False  # also decay the embedding tables
     o.grad_clip = 1.0           # global-norm clipping; 0 disables
     o.grad_accum_steps = 1      # micro-batches per step; the global batch is split evenly
 
     c.mesh = ms = ConfigDict()
-    ms.data = -1                # -1: whatever the other axes leave of the device count
-    ms.fsdp = 1
-    ms.tensor = 1
-    # Across hosts or TPU slices (MaxText's DCN axes): the mesh's data and fsdp axes are these
-    # times the in-slice sizes above, laid out so that only these axes cross the slower network.
-    ms.dcn_data = 1
-    ms.dcn_fsdp = 1
+    ms.data = -1                # batch split; -1: whatever the other axes leave of the devices
+    ms.fsdp = 1                 # batch and parameters (along embed) split: ZeRO-3 style
+    ms.tensor = 1               # heads, MLP width and vocabulary split: Megatron style
+    ms.dcn_data = 1             # across hosts or TPU slices (MaxText's DCN axes): the data axis is
+                                # this times the in-slice size, laid out so that only it crosses
+                                # the slower network
+    ms.dcn_fsdp = 1             # the same for the fsdp axis
 
     c.train = t = ConfigDict()
-    t.steps = 1000
+    t.steps = 1000              # optimizer updates in the whole run
     t.batch_size = 16           # global, in sequences
-    t.z_loss = 0.0
-    t.log_every = 50
-    t.eval_every = 250
+    t.z_loss = 0.0              # weight of mean(log Z^2), keeps the softmax normaliser near 1
+    t.log_every = 50            # steps between console/metrics lines
+    t.eval_every = 250          # steps between validation evaluations
     t.eval_batches = 20         # batches per evaluation, windows spread evenly over the split
     t.final_eval_batches = 0    # the evaluation after the last step; 0: eval_batches
     t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator table, or a measured matmul on CPU
@@ -103,10 +105,10 @@ def default_config() -> ConfigDict:
     t.keep_every = 0            # ...plus every M-th step when M > 0
     t.init_from = ""            # a workdir or checkpoint step directory: its params start the run
     t.skip_nonfinite = False    # skip updates whose loss or gradient is NaN/inf instead of stopping
-    t.sample_prompt = "\n"
+    t.sample_prompt = "\n"      # the sample printed at the end of a run starts with this
     t.sample_length = 200       # new tokens sampled at the end; 0: no sample
-    t.sample_temperature = 0.8
-    t.sample_top_k = 0
+    t.sample_temperature = 0.8  # of that sample; 0 is greedy
+    t.sample_top_k = 0          # of that sample; 0 keeps every token
     return c
 
 
