@@ -53,22 +53,25 @@ def filter_logits(logits: jax.Array, top_k: int | jax.Array = 0,
                   top_p: float | jax.Array = 1.0) -> jax.Array:
     """-inf for all but the `top_k` largest logits and the smallest set whose mass reaches top_p.
 
-    `top_k` and `top_p` may be traced: one descending sort of the vocabulary serves both (XLA:CPU
-    lowers lax.top_k, whose k is a shape, to a sort as well), and a row is sorted only when a
-    filter is on.
+    `top_k` and `top_p` may be traced: one descending sort of the vocabulary serves both, and
+    lax.cond skips the sort when neither filter is on and the nucleus when top_p is 1. The sort is
+    lax.top_k of the whole vocabulary: XLA:CPU lowers any lax.top_k to that sort (k=50 took the
+    same time), where jnp.sort then reversed took 1.15x as long.
     """
     top_k, top_p = jnp.asarray(top_k), jnp.asarray(top_p)
 
-    def filtered(logits: jax.Array) -> jax.Array:
-        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-        k = jnp.where(top_k > 0, top_k, logits.shape[-1])
-        kth = jnp.take(ordered, k - 1, axis=-1)[..., None]
-        ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)  # ties with the k-th stay
+    def nucleus(ordered: jax.Array, kth: jax.Array) -> jax.Array:
+        ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)  # within the top k
         probs = jax.nn.softmax(ordered, axis=-1)
         # A token is needed while the mass of the tokens ranked above it is still short of top_p.
         needed = jnp.cumsum(probs, axis=-1) - probs < top_p
-        nucleus = jnp.min(jnp.where(needed, ordered, jnp.inf), axis=-1, keepdims=True)
-        threshold = jnp.maximum(kth, jnp.where(top_p < 1.0, nucleus, -jnp.inf))
+        return jnp.maximum(kth, jnp.min(jnp.where(needed, ordered, jnp.inf), axis=-1, keepdims=True))
+
+    def filtered(logits: jax.Array) -> jax.Array:
+        ordered = jax.lax.top_k(logits, logits.shape[-1])[0]
+        k = jnp.where(top_k > 0, top_k, logits.shape[-1])
+        kth = jnp.take(ordered, k - 1, axis=-1)[..., None]  # ties with the k-th stay
+        threshold = jax.lax.cond(top_p < 1.0, nucleus, lambda _, kth: kth, ordered, kth)
         return jnp.where(logits < threshold, -jnp.inf, logits)
     return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, logits)
 
