@@ -206,7 +206,7 @@ def _tokenize_splits(directory: Path, splits: dict[str, list[corpus.Document]],
                        (_encode(tokenizer, *task) for task in inputs))
             writer, tokens = _ShardWriter(directory, name), 0
             for (ids, weights, chunk_counts), (_, size) in zip(results, split_tasks):
-                if not tokens:  # the stream's first document starts after one too (never a target)
+                if not tokens and tokenizer.eos_id >= 0:  # the first document comes after one too
                     ids, weights = _after_end_of_document(ids, weights, tokenizer.eos_id)
                 writer.write(ids, weights)
                 counts[row] += chunk_counts
