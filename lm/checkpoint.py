@@ -10,7 +10,7 @@ that carry shardings reshards onto any mesh, each device reading only its own sh
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import grain
@@ -19,7 +19,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from ml_collections import ConfigDict
 
-from lm.config import ConfigError
+from lm import fs
+from lm.config import ConfigError, over_defaults
 from lm.metrics import console
 from lm.step import TrainState
 
@@ -29,14 +30,15 @@ policies = ocp.checkpoint_managers
 class Checkpointer:
     """Periodic saves with a retention policy, and restore of the latest readable checkpoint."""
 
-    def __init__(self, directory: str | Path, train: ConfigDict):
+    def __init__(self, directory: str | os.PathLike, train: ConfigDict):
         save = [policies.FixedIntervalPolicy(train.checkpoint_every)]
         if train.checkpoint_every_minutes:
             save.append(policies.EveryNSeconds(int(train.checkpoint_every_minutes * 60)))
         keep = [policies.LatestN(train.keep_checkpoints)]
         if train.keep_every:
             keep.append(policies.EveryNSteps(train.keep_every))
-        self.directory = Path(directory).resolve()
+        check_directory(directory)
+        self.directory = fs.absolute(directory)
         self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             save_decision_policy=policies.AnySavePolicy(save),
             preservation_policy=policies.AnyPreservationPolicy(keep),
@@ -87,7 +89,7 @@ class Checkpointer:
             return TrainState(step=step_array, params=items.params, opt_state=items.opt_state)
         return None
 
-    def _own_data_state(self, step: int) -> Path:
+    def _own_data_state(self, step: int) -> fs.Path:
         return (self.directory / str(step) / "data" /
                 f"process_{jax.process_index()}-of-{jax.process_count()}.json")
 
@@ -126,16 +128,43 @@ class Checkpointer:
         self._manager.close()
 
 
-def restore_params(path: str | Path, abstract_params: Any) -> Any:
+def check_directory(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a place orbax cannot checkpoint to: orbax writes arrays through
+    tensorstore, and builds tensorstore's path for gs:// and local paths only (an s3:// path is
+    collapsed to `s3:/...` and rejected as relative, orbax 0.12.8)."""
+    if fs.is_remote(path) and fs.scheme(path) != "gs":
+        raise ConfigError(f"{os.fspath(path)}: orbax cannot write or read checkpoints at "
+                          f"{fs.scheme(path)}:// paths (it supports gs:// and local paths); use a "
+                          f"gs:// or local --workdir (data, tokenizers and exports may stay there)")
+
+
+def load_run_config(workdir: fs.PathLike) -> ConfigDict:
+    """The config a workdir's run was created with (its config.json: what its checkpoints mean),
+    over today's defaults. The one reader of it, for lm.train's resume check, lm.load and lm.hf
+    export, so a workdir that an older lm wrote loads with the defaults of the fields added since.
+    """
+    path = fs.path(workdir) / "config.json"
+    if not fs.exists(path):
+        raise ConfigError(f"{path} does not exist; pass a workdir that lm.train or lm.hf import "
+                          f"wrote")
+    try:
+        saved = json.loads(fs.read_text(path))
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    return over_defaults(saved)
+
+
+def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
     """Only the parameters of a checkpoint, for fine-tuning or evaluation.
 
     `path` is a workdir (its latest checkpoint), a `checkpoints/` directory, or one step's directory.
     """
-    path = Path(path).resolve()
-    if (path / "checkpoints").is_dir():
+    check_directory(path)
+    path = fs.absolute(path)
+    if fs.is_dir(path / "checkpoints"):
         path = path / "checkpoints"
-    if not (path / "params").is_dir():
-        steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()), reverse=True)
+    if not fs.is_dir(path / "params"):
+        steps = sorted((int(p.name) for p in fs.listdir(path) if p.name.isdigit()), reverse=True)
         if not steps:
             raise ConfigError(f"{path}: no checkpoint found; pass a workdir with checkpoints or a "
                               f"checkpoint step directory")
@@ -151,7 +180,7 @@ def restore_params(path: str | Path, abstract_params: Any) -> Any:
         logging.set_verbosity(verbosity)
 
 
-def _check_shapes(stored: Any, wanted: Any, path: Path) -> None:
+def _check_shapes(stored: Any, wanted: Any, path: fs.Path) -> None:
     flat_stored = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
     flat_wanted = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(wanted)}
     problems = [f"{k} missing" for k in flat_wanted if k not in flat_stored]

@@ -27,11 +27,14 @@ MAX_BYTES = 4 * 2**30
 
 
 def _writable(path: str) -> bool:
+    from lm import fs  # (imports JAX, which `enable` imports anyway)
+    from lm.config import ConfigError
+
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError:
+        fs.makedirs(path)
+    except ConfigError:
         return False
-    return os.access(path, os.W_OK)
+    return fs.is_remote(path) or os.access(path, os.W_OK)
 
 
 def enable() -> str | None:
@@ -40,7 +43,7 @@ def enable() -> str | None:
     import jax
 
     path = _DIR.value if _DIR.present or ENV not in os.environ else os.environ[ENV]
-    path = str(Path(path).expanduser()) if path else None
+    path = os.path.expanduser(path) if path else None
     if path and not _writable(path):  # a run without the cache is still a run: say so, once
         print(f"warning: cannot write the compilation cache {path}, so every program compiles; "
               f"pass --compilation_cache_dir= a writable directory, or empty for no cache",

@@ -6,10 +6,8 @@ be overridden on the command line (`--config.model.num_layers=2`).
 
 from __future__ import annotations
 
-import json
 import re
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -39,8 +37,16 @@ def default_config() -> ConfigDict:
     m.norm_eps = 1e-5           # added to the variance in the norms
     m.position = "learned"      # learned | rope
     m.rope_theta = 10000.0      # rope's base wavelength
+    m.rope_scaling = "none"     # none | linear | llama3 (Llama 3.1+): rope frequencies stretched
+                                # for a longer context than pretraining's (model.rope_frequencies)
+    m.rope_scaling_factor = 1.0  # linear, llama3: how much longer the context is
+    m.rope_low_freq_factor = 1.0   # llama3: wavelengths over original_context/this are divided fully
+    m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original_context/this are kept
+    m.rope_original_context = 8192  # llama3: the context length of pretraining
     m.mlp = "gelu"              # gelu (tanh approximation, GPT-2) | gelu_exact (erf) | swiglu
     m.use_bias = True           # biases in linear layers and LayerNorm (GPT-2 True, LLaMA False)
+    m.qkv_bias = False          # biases on the query, key and value projections even without
+                                # use_bias (Qwen2's layout)
     m.tie_embeddings = True     # the output head is the embedding table (GPT-2) or its own (LLaMA)
     m.init_std = 0.02           # normal init std; residual output projections / sqrt(2 layers)
     m.dtype = "float32"         # compute dtype, e.g. bfloat16 (float16: inference only, since
@@ -66,6 +72,9 @@ def default_config() -> ConfigDict:
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
     d.read_threads = 0              # grain reader threads; 0 reads in the training thread, best for
                                     # local shards (page cache); raise it for slow or network disks
+    d.shard_cache_dir = "~/.cache/lm/shards"  # prepared shards in a bucket are copied here once
+                                    # (per object version) and memory-mapped; "": each window is a
+                                    # ranged read from the bucket (nothing stored locally)
 
     c.optim = o = ConfigDict()
     o.learning_rate = 1e-3      # peak, reached after warmup
@@ -116,6 +125,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.position": ("learned", "rope"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
     "model.mlp": ("gelu", "gelu_exact", "swiglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -184,8 +194,27 @@ def validate_data(data: ConfigDict) -> None:
     _check(0.0 <= data.val_fraction < 1.0,
            f"config.data.val_fraction={data.val_fraction} must be in [0, 1)")
     _check(data.read_threads >= 0, f"config.data.read_threads={data.read_threads} must be >= 0")
+    _check(re.match(r"[a-z][a-z0-9+.-]*://", data.shard_cache_dir) is None,
+           f"config.data.shard_cache_dir={data.shard_cache_dir!r} must be a local directory (a "
+           f"cache of bucket shards), or empty to read them by ranges")
     for name in ("text_field", "prompt_field", "completion_field"):
         _check(bool(data[name]), f"config.data.{name} is empty; name the jsonl field to read")
+
+
+def validate_rope_scaling(m: ConfigDict) -> None:
+    """The checks of config.model's rope scaling fields (also run on an imported HF config)."""
+    if m.rope_scaling == "none":
+        return
+    _check(m.position == "rope", f"config.model.rope_scaling={m.rope_scaling!r} needs "
+           f"config.model.position='rope' (it is {m.position!r})")
+    _check(m.rope_scaling_factor > 0,
+           f"config.model.rope_scaling_factor={m.rope_scaling_factor} must be > 0")
+    if m.rope_scaling == "llama3":
+        _check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+               f"config.model.rope_low_freq_factor={m.rope_low_freq_factor} and "
+               f"rope_high_freq_factor={m.rope_high_freq_factor} must satisfy 0 < low < high")
+        _check(m.rope_original_context >= 1,
+               f"config.model.rope_original_context={m.rope_original_context} must be >= 1")
 
 
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:
@@ -208,6 +237,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
            f"config.model.num_kv_heads={kv} does not divide config.model.num_heads={m.num_heads}")
     _check(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0,
            f"rope needs an even head dimension, got d_model/num_heads={m.d_model // m.num_heads}")
+    validate_rope_scaling(m)
     _check(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
     _check(m.attention_impl != "cudnn" or (jax.default_backend() == "gpu" and m.dtype != "float32"),
            f"config.model.attention_impl='cudnn' needs a GPU and a 16-bit config.model.dtype (here "
@@ -241,17 +271,10 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
            f"config.model.d_model={m.d_model} must be divisible by config.mesh.fsdp={fsdp}")
 
 
-def load_run_config(workdir: str | Path) -> ConfigDict:
-    """A workdir's config.json over today's defaults: the one reader of a saved run config, so a
-    workdir written by an older lm (without fields added since) loads with their defaults."""
-    path = Path(workdir) / "config.json"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist; pass a workdir that lm.train or lm.hf import "
-                          f"wrote") from None
-    except ValueError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+def over_defaults(saved: dict) -> ConfigDict:
+    """A saved run config (a workdir's config.json) over today's defaults: the fields added since
+    it was written take their defaults, and the fields removed since are dropped, so a workdir an
+    older lm wrote loads (checkpoint.load_run_config reads it)."""
     config = default_config()
 
     def merge(target: ConfigDict, values: dict) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import glob
 import gzip
 import hashlib
 import json
@@ -24,6 +23,7 @@ from typing import Union
 import numpy as np
 from ml_collections import ConfigDict
 
+from lm import fs
 from lm.config import ConfigError
 
 BUILTIN = "builtin:"
@@ -52,16 +52,15 @@ _BUILTINS = {"python_docs": python_docs}
 
 
 def expand(path: str) -> list[str]:
-    """The files `path` names, in a fixed order; a part matching nothing is an error."""
+    """The files `path` names, local or in a bucket, in a fixed order; a part matching nothing is
+    an error."""
     files: list[str] = []
     for part in filter(None, (p.strip() for p in path.split(","))):
-        if os.path.isdir(part):
-            matches = [str(p) for p in sorted(Path(part).rglob("*")) if p.is_file()]
-        else:
-            matches = sorted(glob.glob(part, recursive=True))
+        matches = fs.expand(part)
         if not matches:
-            raise ConfigError(f"config.data.path={part!r} matches no files (cwd {os.getcwd()}); "
-                              f"pass an existing file, directory or glob with --config.data.path")
+            where = "" if fs.is_remote(part) else f" (cwd {os.getcwd()})"
+            raise ConfigError(f"config.data.path={part!r} matches no files{where}; pass an "
+                              f"existing file, directory or glob with --config.data.path")
         files += matches
     return files
 
@@ -73,7 +72,7 @@ def _kind(file: str) -> str:
 
 
 def _read_text(file: str) -> str:
-    raw = Path(file).read_bytes()
+    raw = fs.read_bytes(file)
     where = ""
     if file.endswith(".gz"):
         try:
@@ -161,7 +160,7 @@ def input_hash(data: ConfigDict) -> str:
         return digest.hexdigest()
     for file in expand(data.path):
         file_digest = hashlib.sha256()
-        with open(file, "rb") as f:
+        with fs.errors(file), fs.path(file).open("rb") as f:
             while block := f.read(1 << 24):
                 file_digest.update(block)
         digest.update(f"{_kind(file)} {file.endswith('.gz')} ".encode() + file_digest.digest())

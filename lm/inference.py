@@ -2,14 +2,16 @@
 
     run.logits(token_ids)               numpy in, float32 numpy out
     run.generate(["Once upon"], max_new_tokens=50, temperature=0.7)
+    lm.load("hf:gpt2")                  a HuggingFace hub model, imported once and cached
     run.perplexity(["Some held-out text."]).perplexity
+    run.harness(["hellaswag"], limit=100)   lm-evaluation-harness's results dict (lm/harness.py)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
+import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -18,9 +20,9 @@ import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from lm import checkpoint, sharding
+from lm import checkpoint, fs, sharding
 from lm import tokenizer as tokenizers
-from lm.config import ConfigError, load_run_config
+from lm.config import ConfigError
 from lm.model import ModelConfig, Transformer
 from lm.perplexity import Score, score_documents
 from lm.sampling import SamplingOptions, decoding_layout, decoding_model, generate
@@ -53,7 +55,7 @@ class LoadedModel:
                  ) -> list[str]:
         """Continuations of each prompt, cut at the end-of-document token and before any `stop`.
 
-        A prompt is a text, which starts a document (`tokenizer.document_ids`), or token ids,
+        A prompt is a text, which starts as `tokenizer.prompt_ids` starts it, or token ids,
         continued as they are. `on_text` streams the text of a single prompt as it is generated.
         Special tokens (e.g. <|endoftext|>) are left out of the text unless `skip_special_tokens`
         is False, as HuggingFace's decode does.
@@ -64,14 +66,24 @@ class LoadedModel:
             if len(prompts) != 1:
                 raise ValueError("streaming (on_text) needs a single prompt")
             on_token = _Streamer(self.tokenizer, on_text, skip_special_tokens)
-        model, params = self._decoding
-        ids = [tokenizers.document_ids(self.tokenizer, p) if isinstance(p, str)
+        ids = [tokenizers.prompt_ids(self.tokenizer, p) if isinstance(p, str)
                else np.asarray(p, np.int32) for p in prompts]
-        tokens = generate(model, params, ids, max_new_tokens,
-                          options=SamplingOptions(temperature, top_k, top_p),
-                          seed=seed, eos_id=self.tokenizer.eos_id, mesh=self.mesh,
-                          valid_vocab=self.tokenizer.vocab_size, on_token=on_token)
+        tokens = self.generate_tokens(ids, max_new_tokens,
+                                      options=SamplingOptions(temperature, top_k, top_p),
+                                      seed=seed, on_token=on_token)
         return [_cut(self.tokenizer.decode(t, skip_special_tokens), stop) for t in tokens]
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                        options: SamplingOptions = SamplingOptions(), seed: int = 0,
+                        on_token: Callable[[np.ndarray], None] | None = None, pad_to: int = 0
+                        ) -> list[np.ndarray]:
+        """The new ids after each prompt of ids, taken as given (`generate` starts each with the
+        end-of-document id), up to the end-of-document token, which is left out. `pad_to`: see
+        sampling.generate."""
+        model, params = self._decoding
+        return generate(model, params, prompts, max_new_tokens, options=options, seed=seed,
+                        eos_id=self.tokenizer.eos_id, mesh=self.mesh,
+                        valid_vocab=self.tokenizer.vocab_size, on_token=on_token, pad_to=pad_to)
 
     @functools.cached_property
     def _decoding(self) -> tuple[Transformer, Any]:
@@ -87,6 +99,12 @@ class LoadedModel:
         texts = [texts] if isinstance(texts, str) else list(texts)
         return score_documents(self.model, self.params, self.tokenizer, texts, self.mesh,
                                batch_size=batch_size, stride=stride, progress=progress)
+
+    def harness(self, tasks: str | Sequence[str], **kwargs: Any) -> dict:
+        """lm-evaluation-harness's results dict for `tasks` (lm.harness.run_harness: num_fewshot,
+        limit, batch_size, include_path, ...); needs `pip install -e '.[eval]'`."""
+        from lm.harness import run_harness
+        return run_harness(self, tasks, **kwargs)
 
 
 class _Streamer:
@@ -114,15 +132,15 @@ def _cut(text: str, stop: Sequence[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def _workdir_and_step(path: Path, step: int | None) -> tuple[Path, Path]:
+def _workdir_and_step(path: fs.Path, step: int | None) -> tuple[fs.Path, fs.Path]:
     """(workdir, checkpoint step directory) for a workdir or a step directory, latest if no step."""
-    if (path / "params").is_dir() and path.parent.name == "checkpoints":
+    if path.parent.name == "checkpoints" and fs.is_dir(path / "params"):
         return path.parent.parent, path
-    if not (path / "config.json").is_file():
+    if not fs.is_file(path / "config.json"):
         raise ConfigError(f"{path} is not a run's workdir (no config.json) nor a checkpoint step "
                           f"directory; pass the --workdir a training run wrote")
-    steps = sorted(int(p.name) for p in (path / "checkpoints").glob("*")
-                   if p.name.isdigit() and (p / "params").is_dir())
+    steps = sorted(int(p.name) for p in fs.listdir(path / "checkpoints")
+                   if p.name.isdigit() and fs.is_dir(p / "params"))
     if not steps:
         raise ConfigError(f"{path} has no checkpoint yet; train it first, or wait for its first "
                           f"save (config.train.checkpoint_every)")
@@ -134,13 +152,18 @@ def _workdir_and_step(path: Path, step: int | None) -> tuple[Path, Path]:
     return path, path / "checkpoints" / str(step)
 
 
-def load(path: str | Path, *, step: int | None = None, fsdp: int = 1, tensor: int = 1,
+def load(path: str | os.PathLike, *, step: int | None = None, fsdp: int = 1, tensor: int = 1,
          devices: Sequence[jax.Device] | None = None) -> LoadedModel:
     """The model, parameters and tokenizer of a workdir (latest checkpoint, or `step`) or of one
     checkpoint step directory, on a mesh of `devices` (default: all): `fsdp` and `tensor` as given,
-    the rest data-parallel."""
-    workdir, step_dir = _workdir_and_step(Path(path).resolve(), step)
-    config = load_run_config(workdir)
+    the rest data-parallel. `hf:NAME` (`hf:gpt2`, `hf:org/name@revision`) is a HuggingFace hub
+    model, imported once into the lm cache directory (lm.hf.cached_import)."""
+    if os.fspath(path).startswith("hf:"):
+        from lm import hf
+        path = hf.cached_import(os.fspath(path)[3:])
+    checkpoint.check_directory(path)
+    workdir, step_dir = _workdir_and_step(fs.absolute(path), step)
+    config = checkpoint.load_run_config(workdir)
     config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor)
     tokenizer = tokenizers.load(workdir / "tokenizer.json")
     mesh = sharding.make_mesh(config, devices)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 from tqdm import tqdm
+
+from lm import fs
 
 
 def console(message: str) -> None:
@@ -18,36 +20,73 @@ def console(message: str) -> None:
         tqdm.write(message)
 
 
-def _summary_writer(logdir: str):
-    """tensorboardX's SummaryWriter (no TensorFlow needed), imported without PyTorch: tensorboardX
-    imports torch wherever it is installed, for tensor types lm never passes, and that import was
-    2.4 s of a run's start-up."""
+class _EventFile:
+    """A TensorBoard event file in a bucket, written through lm's filesystem layer: objects cannot
+    be appended to, so each flush (tensorboardX's, every two minutes and at close) uploads the
+    records so far whole."""
+
+    def __init__(self, path: str):
+        self.path, self._records = path, bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._records += data
+
+    def flush(self) -> None:
+        fs.write_bytes(self.path, bytes(self._records))
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EventFiles:
+    """tensorboardX's writer factory interface, for gs:// and s3:// log directories (its own
+    factories need google-cloud-storage, or boto3 and another endpoint variable)."""
+
+    def open(self, path: str) -> _EventFile:
+        return _EventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        fs.makedirs(path)
+
+
+def import_tensorboardx():
+    """tensorboardX (no TensorFlow needed), imported without PyTorch: tensorboardX imports torch
+    wherever it is installed, for tensor types lm never passes, and that import was 2.4 s of a
+    run's start-up."""
     block = "torch" not in sys.modules
     if block:
         sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows
     try:
-        from tensorboardX import SummaryWriter
+        import tensorboardX
+        import tensorboardX.record_writer
     finally:
         if block:
             del sys.modules["torch"]
-    return SummaryWriter(logdir)
+    return tensorboardX
+
+
+def _summary_writer(logdir: str):
+    tensorboardX = import_tensorboardx()
+    for scheme in ("gs", "s3"):
+        tensorboardX.record_writer.register_writer_factory(scheme, _EventFiles())
+    return tensorboardX.SummaryWriter(logdir)
 
 
 class MetricsWriter:
     """One JSON object per record in `metrics.jsonl`, the same scalars in TensorBoard."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: str | os.PathLike):
         self._enabled = jax.process_index() == 0
         if self._enabled:
-            self._jsonl = open(Path(workdir) / "metrics.jsonl", "a")
-            self._tensorboard = _summary_writer(str(workdir))
+            self._jsonl = fs.AppendFile(fs.path(workdir) / "metrics.jsonl")
+            with fs.errors(workdir):
+                self._tensorboard = _summary_writer(os.fspath(workdir))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self._enabled:
             return
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
         for name, value in metrics.items():
             self._tensorboard.add_scalar(name, float(value), step)
 
@@ -72,7 +111,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
 class Reporter:
     """A run's progress: bar (on a terminal), console lines, metrics file; throughput and MFU."""
 
-    def __init__(self, workdir: Path, start: int, total: int, tokens_per_step: int,
+    def __init__(self, workdir: str | os.PathLike, start: int, total: int, tokens_per_step: int,
                  flops_per_token: float, peak_flops: float | None):
         self.total, self.tokens_per_step = total, tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops

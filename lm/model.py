@@ -17,6 +17,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import ConfigDict
 
 from lm.config import ConfigError
@@ -36,8 +37,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: str = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     mlp: str = "gelu"
     use_bias: bool = True
+    qkv_bias: bool = False
     tie_embeddings: bool = True
     init_std: float = 0.02
     dtype: str = "float32"
@@ -158,11 +165,29 @@ def _residual_std(cfg: ModelConfig) -> float:
     return cfg.init_std / (2 * cfg.num_layers) ** 0.5
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The rotation per position of each pair of head dimensions, theta^(-2i/head_dim), rescaled
+    for a longer context than the model was pretrained with (config.model.rope_scaling):
+    `linear` divides every frequency by the factor (positions interpolated); `llama3` (Llama 3.1+)
+    divides only those whose wavelength exceeds original_context/low_freq_factor, keeps those
+    shorter than original_context/high_freq_factor (local order stays sharp), and blends linearly
+    in between. A constant of the config, computed in float64."""
+    half = cfg.head_dim // 2
+    freq = cfg.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        freq = freq / factor
+    elif cfg.rope_scaling == "llama3":
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        periods_in_context = cfg.rope_original_context * freq / (2 * np.pi)
+        keep = np.clip((periods_in_context - low) / (high - low), 0.0, 1.0)
+        freq = keep * freq + (1 - keep) * freq / factor
+    return freq.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Rotary embedding, half-split layout (as in HF LLaMA). x: [batch, length, heads, head_dim]."""
-    half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions[:, :, None, None].astype(jnp.float32) * freq
+    angle = positions[:, :, None, None].astype(jnp.float32) * rope_frequencies(cfg)
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -218,11 +243,15 @@ class Attention(nn.Module):
         """
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = Dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(x)
-        k = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(x)
-        v = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(x)
+        bias = cfg.use_bias or cfg.qkv_bias
+        q = Dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), use_bias=bias,
+                  name="query")(x)
+        k = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), use_bias=bias,
+                  name="key")(x)
+        v = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), use_bias=bias,
+                  name="value")(x)
         if cfg.position == "rope":
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+            q, k = rope(q, positions, cfg), rope(k, positions, cfg)
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
         k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_kv_heads", None))
 
@@ -350,13 +379,18 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, deterministic: bool = True,
-                 cache: KVCache | None = None, targets: jax.Array | None = None):
+                 cache: KVCache | None = None, targets: jax.Array | None = None,
+                 mask: jax.Array | None = None,
+                 scorer: Callable[[jax.Array, jax.Array], tuple] = token_losses):
         """tokens [batch, length] int -> logits [batch, length, vocab] float32.
 
         Decoding: with `cache` (from `init_cache`), tokens are written into it at `positions` and
         attend to every cached position up to their own; returns (logits, updated cache).
         Scoring: with `targets` [batch, length], returns token_losses' (nll, log_z), each [batch,
         length]; the head and its loss run over chunks of positions, logits never whole.
+        `scorer(logits, targets)` replaces token_losses there (e.g. to also say whether each target
+        is the most likely token). `mask` [batch, 1, 1, queries, keys] says which keys each query
+        sees, in place of segment_ids' (e.g. continuations that share one context, lm/scoring.py).
         """
         cfg = self.cfg
         batch, length = tokens.shape
@@ -366,7 +400,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         # Unpacked batches need only the causal mask, which the fused kernel builds itself.
-        mask = None if segment_ids is None else attention_mask(segment_ids)
+        if mask is None and segment_ids is not None:
+            mask = attention_mask(segment_ids)
         if cache is not None:
             slots = jnp.arange(cache["key"].shape[3])
             mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]
@@ -412,14 +447,14 @@ class Transformer(nn.Module):
             return logits.astype(jnp.float32)
 
         if targets is not None:
-            return self._score(logits_of, x, targets)
+            return self._score(logits_of, x, targets, scorer)
         logits = logits_of(x)
         return logits if cache is None else (logits, cache)
 
     def _score(self, logits_of: Callable[[jax.Array], jax.Array], x: jax.Array,
-               targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """token_losses over chunks of positions of at most SCORE_CHUNK_ELEMENTS logits; batch rows
-        stay whole, so that a chunk is sharded as the batch is."""
+               targets: jax.Array, scorer: Callable[[jax.Array, jax.Array], tuple]) -> tuple:
+        """`scorer` (token_losses) over chunks of positions of at most SCORE_CHUNK_ELEMENTS logits;
+        batch rows stay whole, so that a chunk is sharded as the batch is."""
         batch, length, _ = x.shape
         chunk = max(1, min(length, SCORE_CHUNK_ELEMENTS // (batch * self.cfg.vocab_size)))
         count = -(-length // chunk)
@@ -431,7 +466,7 @@ class Transformer(nn.Module):
 
         def body(module, carry, chunk_in):
             h, t = chunk_in
-            return carry, token_losses(logits_of(h), t)
+            return carry, scorer(logits_of(h), t)
 
         # Lifted, not jax.lax.map: an untied head is a submodule, its kernel broadcast to each chunk.
         scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})

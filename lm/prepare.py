@@ -24,14 +24,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import jax
@@ -40,7 +41,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 from tqdm import tqdm
 
-from lm import corpus
+from lm import corpus, fs
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate_data
 from lm.data import TokenStream
@@ -53,7 +54,7 @@ SHARD_TOKENS = 1 << 27  # tokens per shard file
 
 @dataclasses.dataclass
 class Prepared:
-    directory: Path
+    directory: fs.Path
     meta: dict
     tokenizer: tokenizers.Tokenizer
     train: TokenStream
@@ -67,9 +68,9 @@ def tokenizer_hash(tokenizer: tokenizers.Tokenizer) -> str:
 
 def _tokenizer_source(spec: str) -> str:
     """What fixes the tokenizer before it is built: the spec, and a tokenizer file's bytes."""
-    if spec.endswith((".model", ".json")) and Path(spec).is_file():
+    if spec.endswith((".model", ".json")) and fs.is_file(spec):
         kind = "sentencepiece" if spec.endswith(".model") else "tokenizer.json"
-        return f"{kind} sha256:" + hashlib.sha256(Path(spec).read_bytes()).hexdigest()
+        return f"{kind} sha256:" + hashlib.sha256(fs.read_bytes(spec)).hexdigest()
     return spec
 
 
@@ -80,14 +81,19 @@ def _key(data: ConfigDict, seed: int) -> dict:
             **{name: data[name] for name in fields}}
 
 
-def is_prepared(path: str | Path) -> bool:
-    return (Path(path) / "meta.json").is_file()
+def is_prepared(path: str | os.PathLike) -> bool:
+    """A directory `prepare` completed (not a list of inputs, a glob or a built-in corpus)."""
+    text = os.fspath(path)
+    if text.startswith(corpus.BUILTIN) or any(c in text for c in ",*?["):
+        return False
+    return fs.is_file(fs.path(text) / "meta.json")
 
 
-def _up_to_date(out: Path, key: dict, source: str, tokenizer: tokenizers.Tokenizer | None) -> bool:
+def _up_to_date(out: fs.Path, key: dict, source: str, tokenizer: tokenizers.Tokenizer | None
+                ) -> bool:
     if not is_prepared(out):
         return False
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads(fs.read_text(out / "meta.json"))
     if meta.get("key") != key:
         return False
     if tokenizer is not None:
@@ -161,7 +167,7 @@ def _chunks(docs: list[corpus.Document]) -> Iterator[tuple[list[corpus.Document]
 class _ShardWriter:
     """Appends a split's ids (and weights) to shard files of SHARD_TOKENS tokens each."""
 
-    def __init__(self, directory: Path, split: str):
+    def __init__(self, directory: str, split: str):
         self.directory, self.split = directory, split
         self.shards: list[str] = []
         self.masks: list[str] = []
@@ -175,16 +181,16 @@ class _ShardWriter:
                     self.masks.append(f"{self.split}-{len(self.masks):05d}.mask")
                 self._room = SHARD_TOKENS
             take = min(self._room, len(ids))
-            with open(self.directory / self.shards[-1], "ab") as f:
+            with open(os.path.join(self.directory, self.shards[-1]), "ab") as f:
                 f.write(ids[:take].tobytes())
             if weights is not None:
-                with open(self.directory / self.masks[-1], "ab") as f:
+                with open(os.path.join(self.directory, self.masks[-1]), "ab") as f:
                     f.write(weights[:take].tobytes())
                 weights = weights[take:]
             ids, self._room = ids[take:], self._room - take
 
 
-def _tokenize_splits(directory: Path, splits: dict[str, list[corpus.Document]],
+def _tokenize_splits(directory: str, splits: dict[str, list[corpus.Document]],
                      tokenizer: tokenizers.Tokenizer, dtype: str, progress: bool
                      ) -> tuple[dict, np.ndarray]:
     """Write each split's shards into `directory`; (per-split meta, [splits, vocab] counts)."""
@@ -221,19 +227,40 @@ def _tokenize_splits(directory: Path, splits: dict[str, list[corpus.Document]],
     return meta, counts
 
 
-def _replace(partial: Path, out: Path) -> None:
-    """Move the finished `partial` to `out`; any moment's interruption leaves no trusted `out`."""
-    if out.exists():
-        stale = out.with_name(f".{out.name}.stale")
+def _replace(partial: str, out: str) -> None:
+    """Move the finished local `partial` to `out`; any moment's interruption leaves no trusted
+    `out`."""
+    if os.path.exists(out):
+        stale = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.stale")
         shutil.rmtree(stale, ignore_errors=True)
-        out.rename(stale)
-        partial.rename(out)
+        os.rename(out, stale)
+        os.rename(partial, out)
         shutil.rmtree(stale)
     else:
-        partial.rename(out)
+        os.rename(partial, out)
 
 
-def prepare(data: ConfigDict, seed: int, out: str | Path,
+def _publish(local: str, out: fs.Path) -> None:
+    """Upload the finished local directory `local` to the bucket path `out`. Objects cannot be
+    renamed at once, so the order keeps the rule that a directory with meta.json is complete: an
+    old meta.json is deleted first, then the old files, and the new meta.json is uploaded last."""
+    names = sorted(os.listdir(local))
+    if fs.exists(out / "meta.json"):
+        fs.remove_tree(out / "meta.json")
+    for old in fs.listdir(out):
+        if old.name not in names:
+            fs.remove_tree(old)
+    for name in sorted(names, key=lambda n: n == "meta.json"):
+        fs.upload(os.path.join(local, name), out / name)
+
+
+def _check_out(out: fs.Path) -> None:
+    if fs.is_file(out) or (fs.listdir(out) and not is_prepared(out)):
+        raise ConfigError(f"{out} exists and is not a prepared data directory; pass a new or "
+                          f"empty directory to write the prepared data into")
+
+
+def prepare(data: ConfigDict, seed: int, out: str | os.PathLike,
             tokenizer: tokenizers.Tokenizer | None = None) -> bool:
     """Make `out` the prepared form of `data`'s corpus, unless it already is; True if it tokenized.
 
@@ -241,14 +268,12 @@ def prepare(data: ConfigDict, seed: int, out: str | Path,
     it: a trained vocabulary sees only the training split, a character vocabulary the whole corpus
     (it must cover the validation split's characters too).
     """
-    out = Path(out)
+    out = fs.path(out)
     key, source = _key(data, seed), _tokenizer_source(data.tokenizer)
     if _up_to_date(out, key, source, tokenizer):
         console(f"data: reusing {out} (same inputs, tokenizer and data config)")
         return False
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_prepared(out))):
-        raise ConfigError(f"{out} exists and is not a prepared data directory; pass a new or "
-                          f"empty directory to write the prepared data into")
+    _check_out(out)
     docs = corpus.read_documents(data)
     train_docs, val_docs = corpus.split_documents(docs, data.val_fraction, seed)
     if tokenizer is None:
@@ -258,24 +283,31 @@ def prepare(data: ConfigDict, seed: int, out: str | Path,
     progress = jax.process_index() == 0  # (the first call starts JAX's backend: not timed below)
     start = time.perf_counter()
 
-    partial = out.with_name(f".{out.name}.partial")  # a killed run's leftover is started afresh
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    # Shards are written locally: beside `out` (a killed run's leftover is started afresh), or,
+    # for a bucket, in a temporary directory that is uploaded when complete.
+    partial = (tempfile.mkdtemp(prefix="lm-prepare-") if fs.is_remote(out) else
+               os.path.join(os.path.dirname(os.path.abspath(out)), f".{out.name}.partial"))
     try:
-        splits, counts = _tokenize_splits(partial, {"train": train_docs, "val": val_docs},
-                                          tokenizer, dtype, progress)
-        tokenizers.save(tokenizer, partial / "tokenizer.json")
-        np.save(partial / "counts.npy", counts)
+        with fs.errors(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+            splits, counts = _tokenize_splits(partial, {"train": train_docs, "val": val_docs},
+                                              tokenizer, dtype, progress)
+            tokenizers.save(tokenizer, os.path.join(partial, "tokenizer.json"))
+            np.save(os.path.join(partial, "counts.npy"), counts)
         seconds = time.perf_counter() - start  # tokenizing and writing, not fitting the tokenizer
         input_bytes = sum(len(t.encode("utf-8")) for t in corpus.texts(docs))
         meta = {"key": key, "tokenizer_source": source, "tokenizer_hash": tokenizer_hash(tokenizer),
                 "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": dtype,
                 "format": data.format, "input_bytes": input_bytes, "splits": splits}
-        (partial / "meta.json").write_text(json.dumps(meta, indent=2))
-        _replace(partial, out)
-    except BaseException:
+        fs.write_text(os.path.join(partial, "meta.json"), json.dumps(meta, indent=2))
+        if fs.is_remote(out):
+            _publish(partial, out)
+        else:
+            with fs.errors(out):
+                _replace(partial, os.fspath(out))
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
-        raise
     megabytes = input_bytes / 1e6
     console(f"data: prepared {out}: {splits['train']['tokens']:,} train / "
             f"{splits['val']['tokens']:,} val tokens from {len(docs):,} documents, "
@@ -284,15 +316,16 @@ def prepare(data: ConfigDict, seed: int, out: str | Path,
     return True
 
 
-def load(directory: str | Path) -> Prepared:
-    """A prepared directory, its shards memory-mapped."""
-    directory = Path(directory)
-    meta = json.loads((directory / "meta.json").read_text())
+def load(directory: str | os.PathLike, cache_dir: str = "") -> Prepared:
+    """A prepared directory, its shards memory-mapped; shards in a bucket are memory-mapped from
+    local copies in `cache_dir`, or without one read by ranged requests (`fs.token_array`)."""
+    directory = fs.path(directory)
+    meta = json.loads(fs.read_text(directory / "meta.json"))
 
     def stream(split: str) -> TokenStream:
         info = meta["splits"][split]
-        shards = [np.memmap(directory / f, dtype=meta["dtype"], mode="r") for f in info["shards"]]
-        masks = info["masks"] and [np.memmap(directory / f, dtype=np.uint8, mode="r")
+        shards = [fs.token_array(directory / f, meta["dtype"], cache_dir) for f in info["shards"]]
+        masks = info["masks"] and [fs.token_array(directory / f, np.uint8, cache_dir)
                                    for f in info["masks"]]
         tokens = TokenStream(shards, masks)
         if len(tokens) != info["tokens"] or (masks and sum(map(len, masks)) != info["tokens"]):
@@ -301,11 +334,12 @@ def load(directory: str | Path) -> Prepared:
                               f"again")
         return tokens
 
+    counts = np.load(io.BytesIO(fs.read_bytes(directory / "counts.npy")), allow_pickle=False)
     return Prepared(directory, meta, tokenizers.load(directory / "tokenizer.json"),
-                    stream("train"), stream("val"), np.load(directory / "counts.npy"))
+                    stream("train"), stream("val"), counts)
 
 
-def prepared_data(data: ConfigDict, seed: int, workdir: str | Path,
+def prepared_data(data: ConfigDict, seed: int, workdir: str | os.PathLike,
                   tokenizer: tokenizers.Tokenizer | None = None) -> Prepared:
     """A run's data: the prepared directory `data.path` names, or the corpus prepared into
     `data.prepared_dir` (default `<workdir>/data`) now if it is missing or stale.
@@ -313,21 +347,21 @@ def prepared_data(data: ConfigDict, seed: int, workdir: str | Path,
     `tokenizer` is the run's own (when resuming); data tokenized with another is refused.
     """
     if is_prepared(data.path):
-        prepared = load(data.path)
+        prepared = load(data.path, data.shard_cache_dir)
         if tokenizer is not None and tokenizer_hash(tokenizer) != prepared.meta["tokenizer_hash"]:
             raise ConfigError(f"{data.path} was tokenized with another tokenizer than this run's "
-                              f"{Path(workdir) / 'tokenizer.json'}; use a new --workdir, or "
+                              f"{fs.path(workdir) / 'tokenizer.json'}; use a new --workdir, or "
                               f"prepare the data with this run's tokenizer")
         console(f"data: {data.path} as prepared (its meta.json, not config.data, says which "
                 f"tokenizer, format and split)")
         return prepared
-    out = Path(data.prepared_dir or Path(workdir) / "data")
+    out = fs.path(data.prepared_dir or fs.path(workdir) / "data")
     if jax.process_index() == 0:
         prepare(data, seed, out, tokenizer)
-    if jax.process_count() > 1:  # the others read what process 0 wrote (a shared filesystem)
+    if jax.process_count() > 1:  # the others read what process 0 wrote (a bucket, a shared disk)
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("lm.prepare")
-    return load(out)
+    return load(out, data.shard_cache_dir)
 
 
 def main(argv: list[str]) -> None:
@@ -351,7 +385,8 @@ def run(argv: list[str] | None = None) -> None:
     sys.argv). Its flags are defined here, not on import: lm.train imports this module and has a
     --config of its own."""
     config_flags.DEFINE_config_file(
-        "config", str(Path(__file__).resolve().parents[1] / "configs" / "default.py"),
+        "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "default.py"),
         "Run config file: its `data` section and `seed` say what to prepare.", lock_config=True,
         sys_argv=argv)  # where its --config.* overrides are
     flags.DEFINE_string("out", None, "Directory to write the prepared data into.")

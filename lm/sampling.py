@@ -206,13 +206,15 @@ def _compiled_decode(*static) -> Callable:
 def generate(model: Transformer, params: Any, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, *, options: SamplingOptions = SamplingOptions(), seed: int = 0,
              eos_id: int | None = None, valid_vocab: int | None = None,
-             mesh: Mesh | None = None, on_token: Callable[[np.ndarray], None] | None = None
-             ) -> list[np.ndarray]:
+             mesh: Mesh | None = None, on_token: Callable[[np.ndarray], None] | None = None,
+             pad_to: int = 0) -> list[np.ndarray]:
     """Continue each prompt (token ids) by up to `max_new_tokens`; a row stops at `eos_id`.
 
     Returns each row's new tokens, without the end-of-document token. `on_token` receives each
     step's tokens [batch] as they are chosen (for streaming). On a mesh, the batch is padded to
-    the batch axes' size and the cache is sharded like the activations.
+    the batch axes' size and the cache is sharded like the activations. The prompts are padded to
+    the longest, or to `pad_to` positions if more: each width compiles its own program, so a
+    caller with many batches pads to a few widths.
     """
     options.check()
     cfg = model.cfg
@@ -226,7 +228,7 @@ def generate(model: Transformer, params: Any, prompts: Sequence[Sequence[int]],
                          f"{max_new_tokens} exceeds the context of {cfg.context_length} tokens")
     shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     rows = -(-len(prompts) // shards) * shards
-    tokens = np.zeros((rows, lengths.max()), np.int32)
+    tokens = np.zeros((rows, max(lengths.max(), pad_to)), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     lengths = np.concatenate([lengths, np.ones(rows - len(prompts), np.int32)])

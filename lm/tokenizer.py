@@ -12,15 +12,15 @@ Train a sentencepiece model from the shell:
 from __future__ import annotations
 
 import base64
-import glob
 import json
+import os
 import sys
-from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from lm import fs
 from lm.config import ConfigError
 
 EOS = "<eos>"
@@ -111,11 +111,11 @@ class SentencePieceTokenizer:
         self.eos_id, self.bos_id, self.pad_id = self._sp.eos_id(), self._sp.bos_id(), self._sp.pad_id()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> SentencePieceTokenizer:
-        if not Path(path).is_file():
+    def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+        if not fs.is_file(path):
             raise ConfigError(f"sentencepiece model {path} does not exist; train one with "
                               f"`python -m lm.tokenizer` or use config.data.tokenizer=train:N")
-        return cls(Path(path).read_bytes())
+        return cls(fs.read_bytes(path))
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), dtype=np.int32)
@@ -136,9 +136,25 @@ class SentencePieceTokenizer:
 
 def document_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
     """The text's ids after the end-of-document id: how every document starts in training, so a
-    prompt or scored document starts the same way."""
+    prompt or scored document starts the same way. A model imported from HuggingFace starts one as
+    transformers' tokenizer does when that puts a token first (LLaMA's begin-of-text)."""
+    if isinstance(tokenizer, HuggingFaceTokenizer) and tokenizer.hf_template:
+        ids, starts_with_special = tokenizer.encode_as_transformers(text)
+        if starts_with_special:
+            return ids
+    else:
+        ids = tokenizer.encode(text)
     start = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []  # an imported one may lack it
-    return np.concatenate([start, tokenizer.encode(text)]).astype(np.int32)
+    return np.concatenate([start, ids]).astype(np.int32)
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """A prompt's ids. For a model imported from HuggingFace, exactly transformers'
+    `tokenizer(text).input_ids` (GPT-2's without a first token), so that greedy decoding continues
+    as transformers' `generate` does; else, and for an empty prompt, `document_ids`."""
+    if isinstance(tokenizer, HuggingFaceTokenizer) and tokenizer.hf_template and text:
+        return tokenizer.encode_as_transformers(text)[0]
+    return document_ids(tokenizer, text)
 
 
 def _hf_tokenizers():
@@ -160,30 +176,44 @@ class HuggingFaceTokenizer:
     Encoding adds no special tokens (documents are separated by `eos_id` in the token stream);
     decoding keeps them unless asked (`skip_special_tokens`, for display), so that
     `decode(encode(text)) == text` for byte-level BPE. Ids that a tokenizer lacks are -1.
+    `hf_template` (set for a model imported from HuggingFace): prompts and documents start as
+    transformers' tokenizer starts them (see document_ids, prompt_ids).
     """
 
-    def __init__(self, spec: str, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1):
+    def __init__(self, spec: str, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1,
+                 hf_template: bool = False):
         self.spec = spec
         self._tok = _hf_tokenizers().Tokenizer.from_str(spec)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.hf_template = hf_template
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> HuggingFaceTokenizer:
-        """A tokenizer.json file, or a directory holding one; its special tokens come from the
+    def from_pretrained(cls, path: str | os.PathLike, *, hf_template: bool = False
+                        ) -> HuggingFaceTokenizer:
+        """A tokenizer.json file, or a directory holding one (or GPT-2-era vocab.json and
+        merges.txt, converted as transformers converts them); its special tokens come from the
         tokenizer_config.json, special_tokens_map.json, generation_config.json or config.json beside
-        it (the first that names each), else from well-known end-of-text token names."""
-        path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
+        it (the first that names each), else from well-known end-of-text token names.
+
+        `hf_template`: encode prompts as transformers' AutoTokenizer does, its add_bos_token and
+        add_eos_token (tokenizer_config.json) applied over tokenizer.json's template."""
+        path = fs.path(path)
+        file = path / "tokenizer.json" if fs.is_dir(path) else path
+        if file.name == "tokenizer.json" and not fs.is_file(file) and fs.is_file(
+                file.parent / "merges.txt"):
+            tokenizer = cls(_byte_level_bpe(file.parent))
+        elif not fs.is_file(file):
             raise ConfigError(f"{file} does not exist")
-        spec = file.read_text(encoding="utf-8")
-        try:
-            tokenizer = cls(spec)
-        except Exception as e:  # the tokenizers library's parse error
-            raise ConfigError(f"{file} is not a HuggingFace tokenizer.json "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        else:
+            try:
+                tokenizer = cls(fs.read_text(file))
+            except Exception as e:  # the tokenizers library's parse error
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ConfigError(f"{file} is not a HuggingFace tokenizer.json ({reason})") from None
+        if hf_template:
+            tokenizer._apply_transformers_template(file.parent)
         ids = _special_ids(file.parent, tokenizer._tok, tokenizer.vocab_size)
         if "eos" not in ids:
             found = [i for name in _EOS_NAMES if (i := tokenizer.token_to_id(name)) is not None]
@@ -192,6 +222,36 @@ class HuggingFaceTokenizer:
         tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id = (
             ids.get(k, -1) for k in ("bos", "eos", "pad"))
         return tokenizer
+
+    def _apply_transformers_template(self, directory: fs.Path) -> None:
+        """transformers replaces tokenizer.json's template when tokenizer_config.json sets
+        add_bos_token or add_eos_token (TokenizersBackend.update_post_processor): so does this."""
+        config = _read_json_or_empty(directory / "tokenizer_config.json")
+        self.hf_template = True
+        if "add_bos_token" not in config and "add_eos_token" not in config:
+            return
+        added = {}  # "bos"/"eos" -> the token's name, for those the template adds
+        for key in ("bos", "eos"):
+            name = _token_name(config.get(f"{key}_token"))
+            if config.get(f"add_{key}_token") and name and self._tok.token_to_id(name) is not None:
+                added[key] = name
+
+        def sequence(text: str, type_id: int) -> list[str]:
+            return ([f"{added['bos']}:{type_id}"] if "bos" in added else []) + [
+                f"${text}:{type_id}"] + ([f"{added['eos']}:{type_id}"] if "eos" in added else [])
+
+        self._tok.post_processor = _hf_tokenizers().processors.TemplateProcessing(
+            single=sequence("A", 0), pair=sequence("A", 0) + sequence("B", 1),
+            special_tokens=[(n, self._tok.token_to_id(n)) for n in dict.fromkeys(added.values())])
+        self.spec = self._tok.to_str()
+
+    def encode_as_transformers(self, text: str) -> tuple[np.ndarray, bool]:
+        """transformers' `tokenizer(text).input_ids` (the template's special tokens around the
+        text's), and whether the template put a special token first."""
+        encoding = self._tok.encode(text, add_special_tokens=True)
+        # The mask marks the template's tokens only, not special tokens written in the text.
+        first_is_template = bool(encoding.special_tokens_mask[:1] == [1])
+        return np.asarray(encoding.ids, np.int32), first_is_template
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -212,24 +272,64 @@ class HuggingFaceTokenizer:
 
     def to_json(self) -> dict:
         return {"type": "huggingface", "tokenizer": self.spec, "bos_id": self.bos_id,
-                "eos_id": self.eos_id, "pad_id": self.pad_id}
+                "eos_id": self.eos_id, "pad_id": self.pad_id, "hf_template": self.hf_template}
 
 
-def _special_ids(directory: Path, tok, vocab_size: int) -> dict[str, int]:
+def _read_json_or_empty(path: fs.Path) -> dict:
+    if not fs.is_file(path):
+        return {}
+    try:
+        spec = json.loads(fs.read_text(path))
+    except ValueError:
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def _token_name(token) -> str | None:
+    """A special token as tokenizer_config.json names it: a string, or {"content": ...}."""
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) else None
+
+
+def _byte_level_bpe(directory: fs.Path) -> str:
+    """GPT-2-era vocab.json + merges.txt as a tokenizer.json, built as transformers' GPT2Tokenizer
+    builds it: byte-level BPE, and as special tokens those tokenizer_config.json names (GPT-2's
+    <|endoftext|> by default) and its added tokens."""
+    tk = _hf_tokenizers()
+    vocab = _read_json_or_empty(directory / "vocab.json")
+    # A merge a line, "#version" first in most files
+    merges = [tuple(line.split()) for line in fs.read_text(directory / "merges.txt").splitlines()
+              if line.strip() and not line.startswith("#version")]
+    if not vocab or any(len(merge) != 2 for merge in merges):
+        raise ConfigError(f"{directory}: vocab.json and merges.txt are not a BPE tokenizer (a "
+                          f"vocab.json mapping tokens to ids, and merges.txt lines of two tokens)")
+    config = {**_read_json_or_empty(directory / "special_tokens_map.json"),
+              **_read_json_or_empty(directory / "tokenizer_config.json")}
+    tok = tk.Tokenizer(tk.models.BPE(vocab, merges, continuing_subword_prefix="",
+                                     end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(
+        add_prefix_space=bool(config.get("add_prefix_space", False)))
+    tok.decoder = tk.decoders.ByteLevel()
+    names = [_token_name(config.get(f"{key}_token", "<|endoftext|>" if key != "pad" else None))
+             for key in ("bos", "eos", "unk", "pad")]
+    names += [_token_name(t) for t in (config.get("added_tokens_decoder") or {}).values()]
+    names += list(_read_json_or_empty(directory / "added_tokens.json"))
+    tok.add_special_tokens([tk.AddedToken(n, special=True, normalized=False)
+                            for n in dict.fromkeys(names) if n is not None and n in vocab])
+    return tok.to_str()
+
+
+def _special_ids(directory: fs.Path, tok, vocab_size: int) -> dict[str, int]:
     """bos/eos/pad ids named by the HuggingFace files in `directory`, first file first."""
     def read(name: str) -> dict:
-        try:
-            return json.loads((directory / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
+        return _read_json_or_empty(directory / name)
 
     ids: dict[str, int] = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         spec = read(name)
         for key in ("bos", "eos", "pad"):
-            token = spec.get(f"{key}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            if key not in ids and isinstance(token, str) and tok.token_to_id(token) is not None:
+            token = _token_name(spec.get(f"{key}_token"))
+            if key not in ids and token is not None and tok.token_to_id(token) is not None:
                 ids[key] = tok.token_to_id(token)
     for name in ("generation_config.json", "config.json"):
         spec = read(name)
@@ -300,21 +400,20 @@ def from_json(spec: dict) -> Tokenizer:
         return SentencePieceTokenizer(base64.b64decode(spec["model"]))
     if spec["type"] == "huggingface":
         return HuggingFaceTokenizer(spec["tokenizer"], spec["bos_id"], spec["eos_id"],
-                                    spec["pad_id"])
+                                    spec["pad_id"], spec.get("hf_template", False))
     return CharTokenizer(spec["chars"]) if spec["type"] == "char" else ByteTokenizer()
 
 
-def save(tokenizer: Tokenizer, path: Path) -> None:
-    Path(path).write_text(json.dumps(tokenizer.to_json(), ensure_ascii=False))
+def save(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+    fs.write_text(path, json.dumps(tokenizer.to_json(), ensure_ascii=False))
 
 
-def load(path: str | Path) -> Tokenizer:
+def load(path: str | os.PathLike) -> Tokenizer:
     """An lm tokenizer.json; a HuggingFace tokenizer.json (no "type" field) is wrapped as is."""
-    path = Path(path)
-    if not path.is_file():
+    if not fs.is_file(path):
         raise ConfigError(f"tokenizer {path} does not exist")
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec = json.loads(fs.read_text(path))
     except ValueError as e:
         raise ConfigError(f"tokenizer {path} is not JSON ({e})") from None
     if isinstance(spec, dict) and "type" not in spec and "model" in spec:
@@ -326,20 +425,20 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     f = flags.FLAGS
-    files = sorted(p for pattern in f.input for p in glob.glob(pattern, recursive=True))
-    if not files:
-        sys.exit(f"error: --input={','.join(f.input)} matches no files")
-    texts = (Path(p).read_text(encoding="utf-8", errors="replace") for p in files)
-    print(f"training a {f.model_type} model of {f.vocab_size} pieces on {len(files)} files "
-          f"(at most {f.max_sentences:,} lines, sampled)", flush=True)
     try:
+        files = sorted(p for pattern in f.input for p in fs.expand(pattern))
+        if not files:
+            raise ConfigError(f"--input={','.join(f.input)} matches no files")
+        texts = (fs.read_bytes(p).decode("utf-8", errors="replace") for p in files)
+        print(f"training a {f.model_type} model of {f.vocab_size} pieces on {len(files)} files "
+              f"(at most {f.max_sentences:,} lines, sampled)", flush=True)
         tokenizer = train_sentencepiece(texts, f.vocab_size, f.model_type, f.character_coverage,
                                         f.user_defined_symbols, f.max_sentences, verbose=True)
+        out = fs.path(f.model_prefix + ".model")
+        fs.makedirs(out.parent)
+        fs.write_bytes(out, tokenizer.model_proto)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    out = Path(f.model_prefix + ".model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(tokenizer.model_proto)
     print(f"wrote {out}: vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos "
           f"{tokenizer.eos_id}, pad {tokenizer.pad_id}; use it with "
           f"--config.data.tokenizer={out}")

@@ -13,6 +13,7 @@ if __name__ == "__main__":  # before the imports below, which a restart would pa
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -23,10 +24,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import checkpoint, compilation_cache, data, distributed, flops, prepare
+from lm import checkpoint, compilation_cache, data, distributed, flops, fs, prepare
 from lm import sampling, sharding, step
 from lm import tokenizer as tokenizers
-from lm.config import ConfigError, load_config_flag, load_run_config, parse_flags, validate
+from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
 from lm.preflight import preflight
 from lm.model import ModelConfig, Transformer
@@ -73,11 +74,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_resumable(config: ConfigDict, workdir: Path) -> None:
+def _check_resumable(config: ConfigDict, workdir: fs.Path) -> None:
     """Refuse a config that changes what the workdir's checkpoints mean; log harmless changes."""
-    if not (workdir / "config.json").exists():
+    if not fs.exists(workdir / "config.json"):
         return
-    old = _flatten(json.loads(load_run_config(workdir).to_json()))
+    old = _flatten(json.loads(checkpoint.load_run_config(workdir).to_json()))
     new = _flatten(json.loads(config.to_json()))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     frozen = [k for k in changed if k.startswith(_FROZEN)]
@@ -140,17 +141,18 @@ def _restore_or_init(steps: step.CompiledSteps, checkpointer: checkpoint.Checkpo
     return state
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
+def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Train `config` into `workdir`, resuming from its latest checkpoint if it has one.
 
     Returns the final train loss (None if no step ran), val loss and the unigram baseline.
     """
     validate(config)
-    workdir = Path(workdir)
+    checkpoint.check_directory(workdir)
+    workdir = fs.makedirs(workdir)
     _check_resumable(config, workdir)
     saved_tokenizer = workdir / "tokenizer.json"
     prepared = prepare.prepared_data(config.data, config.seed, workdir, tokenizers.load(
-        saved_tokenizer) if saved_tokenizer.exists() else None)
+        saved_tokenizer) if fs.exists(saved_tokenizer) else None)
     mesh = sharding.make_mesh(config)
     cfg = ModelConfig.for_run(config, prepared.tokenizer.vocab_size, mesh.shape["tensor"])
     t = config.train
@@ -165,10 +167,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict[str, flo
                                  segment_eos=segment_eos)
     periodic_val = val_batches(final=False)
 
-    workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        if not (workdir / "config.json").exists():
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if not fs.exists(workdir / "config.json"):
+            fs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
         tokenizers.save(prepared.tokenizer, saved_tokenizer)
 
     model = Transformer(cfg)
@@ -252,6 +253,8 @@ def main(argv: list[str]) -> None:
             train_and_evaluate(load_config_flag(_CONFIG), _WORKDIR.value)
     except (ConfigError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # filesystem trouble outside the paths lm checks itself
+        sys.exit(f"error: {fs.explain(e, e.filename or _WORKDIR.value)}")
     except Preempted as e:
         console(str(e))
         sys.exit(128 + signal.SIGTERM)

@@ -16,7 +16,8 @@ from compilations import compilations
 
 import lm
 from lm import corpus
-from lm.config import default_config, load_run_config
+from lm.checkpoint import load_run_config
+from lm.config import default_config
 from lm.perplexity import windows
 from lm.tokenizer import document_ids
 from lm.train import _check_resumable, train_and_evaluate

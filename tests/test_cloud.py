@@ -1,0 +1,284 @@
+"""Runs in buckets: the README's pod command against a GCS emulator (killed, resumed, evaluated,
+sampled, loaded, exported), the S3 set against moto, and filesystem trouble as one-line errors.
+
+The emulators are real servers on 127.0.0.1 (tests/emulators.py); lm reaches them through the
+clients' own environment variables, exactly as it reaches a real bucket.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import llama_1b
+from trees import assert_trees_close
+
+import lm
+from lm import fs, hf, metrics, prepare
+from lm.config import ConfigError
+from lm.train import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+# The README's pod command, shrunk: a 2-layer LLaMA on 8 CPU devices (fsdp=8), the corpus in the
+# bucket too.
+SHRINK = {"model.vocab_size": 384, "model.num_layers": 2, "model.num_heads": 4,
+          "model.num_kv_heads": 2, "model.d_model": 32, "model.d_ff": 64,
+          "model.context_length": 32, "train.batch_size": 8, "train.steps": 24,
+          "train.log_every": 1, "train.eval_every": 1000, "train.eval_batches": 2,
+          "train.checkpoint_every": 3, "train.sample_length": 0, "optim.warmup_steps": 4,
+          "optim.decay_steps": 24}
+
+
+def corpus_text(seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    return "\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(1500)) + "\n"
+
+
+def train_command(workdir, data_path: str, **overrides) -> list[str]:
+    overrides = {**SHRINK, "data.path": data_path, **overrides}
+    return [sys.executable, "-m", "lm.train", "--config=configs/llama_1b.py",
+            f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+@pytest.fixture(scope="module")
+def env(gcs_server, s3_server, tmp_path_factory):
+    """The environment of the binaries this module starts: both emulators' variables (their
+    session fixtures set them), and one compilation cache, so that the train step every run here
+    shares compiles once."""
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla")),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=env)
+    return result
+
+
+def trained(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    result = run(command, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(workdir) -> dict[int, float]:
+    lines = fs.read_text(fs.path(workdir) / "metrics.jsonl").splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    return [int(p.name) for p in fs.listdir(fs.path(workdir) / "checkpoints") if p.name.isdigit()]
+
+
+def params(workdir):
+    return jax.device_get(lm.load(workdir).params)
+
+
+def resumed_from(result: subprocess.CompletedProcess) -> int:
+    return int(result.stdout.split("resumed from step ")[1].split()[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# gs://: the pod example, end to end.
+
+@pytest.fixture(scope="module")
+def pod(gcs_server, env, tmp_path_factory):
+    """The README's `--workdir=gs://my-bucket/runs/llama` run, SIGKILLed mid-run and rerun, beside
+    the same config trained uninterrupted in a local workdir from the same bucket corpus."""
+    fs.write_text("gs://my-bucket/corpus/words.txt", corpus_text())
+    data = "gs://my-bucket/corpus/*.txt"
+    cache = str(tmp_path_factory.mktemp("shard-cache"))
+    local = tmp_path_factory.mktemp("uninterrupted")
+    trained(train_command(local, data, **{"data.shard_cache_dir": cache,
+                                          "train.checkpoint_every": 1000}), env)
+
+    workdir = "gs://my-bucket/runs/llama"
+    killed = subprocess.Popen(train_command(workdir, data, **{"data.shard_cache_dir": cache}),
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.time() + 300
+    while not (fs.exists(f"{workdir}/metrics.jsonl") and max(losses(workdir), default=0) >= 10
+               and checkpoint_steps(workdir)):
+        assert killed.poll() is None, killed.communicate()
+        assert time.time() < deadline, "the run did not reach step 10"
+        time.sleep(0.1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    rerun = run(train_command(workdir, data, **{"data.shard_cache_dir": cache}), env)
+    return {"workdir": workdir, "local": local, "data": data, "rerun": rerun}
+
+
+def test_the_pod_command_on_gs_resumes_after_sigkill_bitwise(pod):
+    rerun = pod["rerun"]
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    start = resumed_from(rerun)
+    assert 0 < start < 24
+    expected, got = losses(pod["local"]), losses(pod["workdir"])
+    assert [got[s] for s in range(start + 1, 25)] == [expected[s] for s in range(start + 1, 25)]
+    # Everything process 0 writes is in the bucket, nothing in a local `gs:` folder.
+    names = {p.name for p in fs.listdir(pod["workdir"])}
+    assert {"config.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "data"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    assert not (ROOT / "gs:").exists()
+
+
+def test_tensorboard_events_in_the_bucket_hold_the_logged_losses(pod):
+    metrics.import_tensorboardx()
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for events in sorted(p for p in fs.listdir(pod["workdir"]) if "tfevents" in p.name):
+        data, offset = fs.read_bytes(events), 0
+        while offset < len(data):  # TFRecord: length, its crc, the record, its crc
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 16 + length
+            for value in event.summary.value:
+                if value.tag == "loss":
+                    scalars[event.step] = value.simple_value
+    logged = losses(pod["workdir"])
+    assert scalars and all(abs(scalars[s] - logged[s]) < 1e-6 for s in scalars)
+    assert max(scalars) == 24
+
+
+def test_lm_load_of_the_gs_workdir_is_the_uninterrupted_model(pod):
+    assert_trees_close(params(pod["workdir"]), params(pod["local"]))
+
+
+def test_the_eval_binary_scores_and_samples_a_gs_workdir(pod, env):
+    trained([sys.executable, "-m", "lm.evaluate", f"--workdir={pod['workdir']}",
+             "--mode=perplexity", "--output_json=gs://my-bucket/eval/perplexity.json"], env)
+    result = json.loads(fs.read_text("gs://my-bucket/eval/perplexity.json"))
+    assert result["step"] == 24 and result["tokens"] > 1000
+    assert 0 < result["cross_entropy"] < np.log(384)
+    trained([sys.executable, "-m", "lm.evaluate", f"--workdir={pod['workdir']}", "--mode=sample",
+             "--prompt=alpha ", "--max_new_tokens=12", "--temperature=0",
+             "--output_json=gs://my-bucket/eval/samples.json"], env)
+    [sample] = json.loads(fs.read_text("gs://my-bucket/eval/samples.json"))["samples"]
+    local = lm.load(pod["local"]).generate("alpha ", 12, temperature=0)[0]
+    assert sample == {"prompt": "alpha ", "text": local}
+
+
+def test_hf_export_of_a_gs_workdir_into_the_bucket_matches_a_local_export(pod, tmp_path):
+    hf.export_checkpoint(pod["workdir"], "gs://my-bucket/hf/llama")
+    hf.export_checkpoint(pod["local"], tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        assert fs.read_bytes(f"gs://my-bucket/hf/llama/{name}") == (tmp_path / name).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# s3://: data, prepared shards, tokenizers and exports (orbax cannot checkpoint there).
+
+@pytest.fixture(scope="module")
+def s3_corpus(s3_server):
+    fs.write_text("s3://bucket/corpus/words.txt", corpus_text())
+    return "s3://bucket/corpus"
+
+
+def test_training_on_s3_data_prepared_into_s3_resumes_bitwise_reading_shards_by_ranges(
+        s3_corpus, pod, env, tmp_path):
+    prepared, data = "s3://bucket/prepared/words", llama_1b.get_config().data
+    data.path = s3_corpus
+    prepare.prepare(data, 0, prepared)
+    assert prepare.is_prepared(prepared)
+    # Without a cache directory every window is a ranged read of the shard objects.
+    stream = prepare.load(prepared).train
+    assert isinstance(stream.shards[0], fs.RangedArray)
+    local = prepare.load(fs.path(pod["local"]) / "data").train  # the same corpus, from gs://
+    assert np.array_equal(stream.window(100, 5000)["tokens"], local.window(100, 5000)["tokens"])
+
+    workdir, ranged = tmp_path / "run", {"data.shard_cache_dir": "", "train.checkpoint_every": 12}
+    trained(train_command(workdir, prepared, **ranged, **{"train.steps": 12}), env)
+    rerun = trained(train_command(workdir, prepared, **ranged), env)
+    assert resumed_from(rerun) == 12
+    assert [losses(workdir)[s] for s in range(13, 25)] == [
+        losses(pod["local"])[s] for s in range(13, 25)]
+    assert_trees_close(params(workdir), params(pod["local"]))
+
+    hf.export_checkpoint(workdir, "s3://bucket/hf/llama")
+    hf.export_checkpoint(workdir, tmp_path / "hf")
+    assert fs.read_bytes("s3://bucket/hf/llama/model.safetensors") == (
+        tmp_path / "hf" / "model.safetensors").read_bytes()
+
+
+def test_an_s3_workdir_is_refused_before_any_work_because_orbax_cannot_checkpoint_there(
+        s3_corpus):
+    config = llama_1b.get_config()
+    config.data.path = s3_corpus
+    with pytest.raises(ConfigError, match="^s3://bucket/run: orbax cannot write or read "
+                                          "checkpoints at s3:// paths"):
+        train_and_evaluate(config, "s3://bucket/run")
+    assert not fs.exists("s3://bucket/run")
+    with pytest.raises(ConfigError, match="orbax cannot"):
+        lm.load("s3://bucket/run")
+
+
+def test_sentencepiece_trains_on_s3_text_and_writes_its_model_there(s3_corpus, env):
+    trained([sys.executable, "-m", "lm.tokenizer", f"--input={s3_corpus}/*.txt",
+             "--model_prefix=s3://bucket/spm/words", "--vocab_size=300"], env)
+    from lm.tokenizer import SentencePieceTokenizer
+    tokenizer = SentencePieceTokenizer.from_file("s3://bucket/spm/words.model")
+    assert tokenizer.decode(tokenizer.encode("alpha bravo\n")) == "alpha bravo\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Filesystem trouble: one line naming the path and the fix, a non-zero exit, nothing lost.
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_bucket_that_does_not_exist_is_one_line_and_a_non_zero_exit(gcs_server, env):
+    result = run(train_command("gs://no-such-bucket/runs/x", "gs://bucket/corpus"), env)
+    assert result.returncode == 1
+    assert last_line(result) == (
+        "error: gs://no-such-bucket/runs/x: the bucket gs://no-such-bucket does not exist (or "
+        "these credentials cannot see it); create it, or fix the path")
+    data = llama_1b.get_config().data
+    data.path = "gs://no-such-bucket/corpus/*.txt"
+    with pytest.raises(ConfigError, match="the bucket gs://no-such-bucket does not exist"):
+        prepare.prepare(data, 0, "unused")
+
+
+@pytest.mark.parametrize("scheme, package", [("gs", "gcsfs"), ("s3", "s3fs")])
+def test_a_bucket_path_without_its_client_installed_says_how_to_install_it(
+        monkeypatch, scheme, package):
+    monkeypatch.setitem(sys.modules, package, None)  # `import gcsfs` now raises ImportError
+    with pytest.raises(ConfigError, match=f"^{scheme}://b/run: {scheme}:// paths need the "
+                                          f"`{package}` package: pip install -e \".\\[cloud\\]\"$"):
+        fs.makedirs(f"{scheme}://b/run")
+
+
+@pytest.mark.parametrize("where", ["gs", "local"])
+def test_a_workdir_that_is_a_file_is_refused_and_left_alone(gcs_server, tmp_path, where):
+    workdir = "gs://bucket/a-file" if where == "gs" else str(tmp_path / "a-file")
+    fs.write_text(workdir, "keep me")
+    with pytest.raises(ConfigError, match=f"^{workdir} exists and is a file where a directory "
+                                          f"is needed"):
+        train_and_evaluate(llama_1b.get_config(), workdir)
+    assert fs.read_text(workdir) == "keep me"
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_its_checkpoints(pod, env, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(pod["local"], workdir)
+    before = checkpoint_steps(workdir)
+    (workdir / "metrics.jsonl").rename(tmp_path / "metrics.jsonl")
+    (workdir / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    full = run(train_command(workdir, pod["data"], **{"train.steps": 25}), env)
+    assert full.returncode == 1
+    assert last_line(full) == (f"error: {workdir / 'metrics.jsonl'}: no space left on the "
+                               f"device; free space or write elsewhere (what was written before "
+                               f"is intact)")
+    assert "resumed from step 24" in full.stdout
+    assert checkpoint_steps(workdir) == before
+    assert_trees_close(params(workdir), params(pod["local"]))
