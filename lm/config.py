@@ -49,7 +49,8 @@ def default_config() -> ConfigDict:
                                 # use_bias (Qwen2's layout)
     m.tie_embeddings = True     # the output head is the embedding table (GPT-2) or its own (LLaMA)
     m.init_std = 0.02           # normal init std; residual output projections / sqrt(2 layers)
-    m.dtype = "float32"         # compute dtype, e.g. bfloat16
+    m.dtype = "float32"         # compute dtype, e.g. bfloat16 (float16: inference only, since
+                                # training has no loss scaling)
     m.param_dtype = "float32"   # parameters and optimizer state
     m.remat_policy = "none"     # none, or a jax.checkpoint_policies name, e.g. nothing_saveable
     m.scan_layers = True        # one compiled block looped over the layers: compile time flat in
@@ -69,7 +70,8 @@ def default_config() -> ConfigDict:
     d.text_field = "text"           # the field of a .jsonl line that holds a document
     d.prompt_field = "prompt"       # prompt_completion: the field of the prompt
     d.completion_field = "completion"  # prompt_completion: the field of the completion
-    d.segment_documents = False     # attention and positions restart at every document (packing)
+    d.segment_documents = False     # attention and positions restart at every document (packing),
+                                    # each from the end-of-document id before it
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
     d.read_threads = 0              # grain reader threads; 0 reads in the training thread, best for
                                     # local shards (page cache); raise it for slow or network disks
@@ -82,7 +84,7 @@ def default_config() -> ConfigDict:
     o.min_learning_rate = 1e-4  # the floor the decay ends at
     o.warmup_steps = 100        # linear from 0 to learning_rate
     o.schedule = "cosine"       # cosine | linear | constant (after warmup)
-    o.decay_steps = 0           # 0: train.steps
+    o.decay_steps = 0           # 0: train.steps (a resume that changes train.steps must set it)
     o.b1 = 0.9                  # AdamW first-moment decay
     o.b2 = 0.95                 # AdamW second-moment decay
     o.eps = 1e-8                # AdamW denominator epsilon
@@ -266,6 +268,9 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
            f"Pallas would only interpret it, slowly); use 'auto' to pick it only where it runs")
     _check(m.loss_chunk_positions >= 0,
            f"config.model.loss_chunk_positions={m.loss_chunk_positions} must be >= 0 (0: automatic)")
+    _check(m.dtype != "float16",
+           "config.model.dtype='float16' would train without loss scaling (small gradients "
+           "underflow to 0); use bfloat16, which has float32's range")
     _check(m.remat_policy == "none" or hasattr(jax.checkpoint_policies, m.remat_policy),
            f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
            f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")
@@ -290,6 +295,24 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
                f"config.mesh.tensor={tensor} (heads are split over the tensor axis)")
     _check(m.d_model % fsdp == 0,
            f"config.model.d_model={m.d_model} must be divisible by config.mesh.fsdp={fsdp}")
+
+
+def over_defaults(saved: dict) -> ConfigDict:
+    """A saved run config (a workdir's config.json) over today's defaults: the fields added since
+    it was written take their defaults, and the fields removed since are dropped, so a workdir an
+    older lm wrote loads (checkpoint.load_run_config reads it)."""
+    config = default_config()
+
+    def merge(target: ConfigDict, values: dict) -> None:
+        for key, value in values.items():
+            if key not in target:  # a field removed since: nothing reads it
+                continue
+            if isinstance(target[key], ConfigDict) and isinstance(value, dict):
+                merge(target[key], value)
+            else:
+                target[key] = type(target[key])(value) if isinstance(target[key], float) else value
+    merge(config, saved)
+    return config
 
 
 def load_config_flag(flag: flags.FlagHolder) -> ConfigDict:

@@ -8,8 +8,9 @@ A prepared directory holds:
     tokenizer.json    the tokenizer (lm/tokenizer.py's format)
     counts.npy        [2, tokenizer vocab] int64: frequencies of the scored tokens of train and val
     train-00000.bin   raw token ids, uint16 when the vocabulary fits (<= 65536 ids) else uint32;
-                      each document is followed by the end-of-document id, and a split's shards
-                      concatenate to its token stream
+                      a split's shards concatenate to its token stream, which starts with the
+                      end-of-document id and has one after each document: every document comes
+                      after one, as `tokenizer.document_ids` starts a document
     train-00000.mask  prompt/completion data only: uint8 per token, 1 where the token is scored as
                       a target (completion and end-of-document), 0 on prompt tokens
     val-00000.bin ...
@@ -36,7 +37,8 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-from ml_collections import ConfigDict
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
 from tqdm import tqdm
 
 from lm import corpus, fs
@@ -118,6 +120,12 @@ def _encode(tokenizer: tokenizers.Tokenizer, docs: Sequence[corpus.Document], dt
             np.zeros(len(prompt), np.uint8), np.ones(len(completion) + 1, np.uint8))])
     scored = ids if weights is None else ids[weights == 1]
     return ids.astype(dtype), weights, np.bincount(scored, minlength=tokenizer.vocab_size)
+
+
+def _after_end_of_document(ids: np.ndarray, weights: np.ndarray | None, eos_id: int
+                           ) -> tuple[np.ndarray, np.ndarray | None]:
+    ids = np.concatenate([np.array([eos_id], ids.dtype), ids])
+    return ids, None if weights is None else np.concatenate([np.zeros(1, weights.dtype), weights])
 
 
 _worker_tokenizer: tokenizers.Tokenizer | None = None  # one per worker process, built once
@@ -204,6 +212,8 @@ def _tokenize_splits(directory: str, splits: dict[str, list[corpus.Document]],
                        (_encode(tokenizer, *task) for task in inputs))
             writer, tokens = _ShardWriter(directory, name), 0
             for (ids, weights, chunk_counts), (_, size) in zip(results, split_tasks):
+                if not tokens and tokenizer.eos_id >= 0:  # the first document comes after one too
+                    ids, weights = _after_end_of_document(ids, weights, tokenizer.eos_id)
                 writer.write(ids, weights)
                 counts[row] += chunk_counts
                 tokens += len(ids)
@@ -355,27 +365,34 @@ def prepared_data(data: ConfigDict, seed: int, workdir: str | os.PathLike,
 
 
 def main(argv: list[str]) -> None:
+    """`python -m lm.prepare`: the flags `run` defines, to `prepare`; errors as one line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _OUT.value:
+    out = flags.FLAGS.out
+    if not out:
         sys.exit("error: --out is required (the directory to write the prepared data into)")
-    config = load_config_flag(_CONFIG)
+    config = load_config_flag(flags.FLAGS["config"])
     try:
         validate_data(config.data)
-        prepare(config.data, config.seed, _OUT.value)
+        prepare(config.data, config.seed, out)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    console(f"train on it with --config.data.path={_OUT.value}")
+    console(f"train on it with --config.data.path={out}")
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The binary, from Python too: `run(["lm.prepare", "--config=...", "--out=DIR"])` (default:
+    sys.argv). Its flags are defined here, not on import: lm.train imports this module and has a
+    --config of its own."""
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "default.py"),
+        "Run config file: its `data` section and `seed` say what to prepare.", lock_config=True,
+        sys_argv=argv)  # where its --config.* overrides are
+    flags.DEFINE_string("out", None, "Directory to write the prepared data into.")
+    logging.set_verbosity(logging.WARNING)
+    app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-    from absl import app, flags, logging
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "default.py"),
-        "Run config file: its `data` section and `seed` say what to prepare.", lock_config=True)
-    _OUT = flags.DEFINE_string("out", None, "Directory to write the prepared data into.")
-    logging.set_verbosity(logging.WARNING)
-    app.run(main, flags_parser=parse_flags)
+    run()

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from jax.sharding import Mesh
+from ml_collections import ConfigDict
 
-from lm import sharding
+from lm import optim, sharding
 from lm.model import Transformer
 
 Batch = dict[str, jax.Array]
@@ -67,7 +68,9 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
     """One optimizer update on the global batch, accumulated over `grad_accum_steps` micro-batches.
 
     `metrics["nonfinite"]` is 1 when the loss or the gradient is NaN/inf; with `skip_nonfinite` such
-    an update is dropped (the step count still advances, so the data moves on).
+    an update is dropped (the step count still advances, so the data moves on, and the learning
+    rate is always the schedule's at the step). A batch with no scored position has loss and
+    gradient 0 and counts 0 tokens.
     """
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
@@ -83,11 +86,13 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
     micro = (jnp.arange(grad_accum_steps), _micro_batches(batch, grad_accum_steps))
     (grad_sum, nll_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
-    grads = jax.tree.map(lambda g: g / count, grad_sum)
+    scored = jnp.where(count > 0, count, 1.0)  # nothing scored: sums of 0 over 1, not 0/0
+    grads = jax.tree.map(lambda g: g / scored, grad_sum)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer.update(grads, optim.at_step(state.opt_state, state.step),
+                                          state.params)
     params = optax.apply_updates(state.params, updates)
-    loss, grad_norm = nll_sum / count, optax.tree.norm(grads)
+    loss, grad_norm = nll_sum / scored, optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
@@ -192,3 +197,14 @@ def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
         memory_bytes_per_device=None if memory is None else (
             memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes))
+
+
+def compile_run(config: ConfigDict, model: Transformer, mesh: Mesh) -> CompiledSteps:
+    """The steps a run of `config` trains with: its optimizer and schedule, batch, accumulation,
+    document packing and non-finite skipping (what `lm.train` runs and `--preflight` measures)."""
+    t = config.train
+    return compile_steps(
+        model, optim.make_optimizer(config.optim, t.steps),
+        optim.learning_rate_schedule(config.optim, t.steps), mesh, seed=config.seed,
+        batch_size=t.batch_size, z_loss=t.z_loss, grad_accum_steps=config.optim.grad_accum_steps,
+        skip_nonfinite=t.skip_nonfinite, segments=config.data.segment_documents)

@@ -38,7 +38,7 @@ def run_config(variant="gpt2", mesh=ONE_DEVICE, **model_overrides):
     return c
 
 
-def compile_run(config):
+def compile_run(config, skip_nonfinite=False):
     """(mesh, CompiledSteps) for a run config, on as many devices as its mesh needs."""
     devices = jax.devices()[:math.prod(config.mesh[a] for a in ("data", "fsdp", "tensor"))]
     validate(config, len(devices))
@@ -48,15 +48,16 @@ def compile_run(config):
     steps = step.compile_steps(
         model, optim.make_optimizer(config.optim, total),
         optim.learning_rate_schedule(config.optim, total), mesh, seed=config.seed,
-        batch_size=config.train.batch_size, grad_accum_steps=config.optim.grad_accum_steps)
+        batch_size=config.train.batch_size, grad_accum_steps=config.optim.grad_accum_steps,
+        skip_nonfinite=skip_nonfinite)
     return mesh, steps
 
 
 @functools.cache  # compiling is most of these tests' time: runs with the same settings share it
-def compiled(variant="gpt2", mesh=ONE_DEVICE, grad_accum_steps=1):
+def compiled(variant="gpt2", mesh=ONE_DEVICE, grad_accum_steps=1, skip_nonfinite=False):
     config = run_config(variant, mesh)
     config.optim.grad_accum_steps = grad_accum_steps
-    return compile_run(config)
+    return compile_run(config, skip_nonfinite)
 
 
 def make_batch(seed=0, lengths=(16, 3, 9, 16, 1, 12, 7, 14)):
@@ -85,6 +86,49 @@ def test_a_tiny_model_overfits_one_batch():
     assert history[-1]["loss"] < 0.3
     evaluated = jax.device_get(steps.eval(state.params, sharding.global_batch(mesh, batch, BATCH)))
     assert evaluated["nll"] / evaluated["tokens"] < 0.3
+
+
+def test_a_batch_with_every_position_masked_has_loss_and_gradient_zero_and_no_tokens():
+    mesh, steps = compiled()
+    batch = {**make_batch(), "mask": np.zeros((BATCH, LENGTH), np.float32)}
+    _, [metrics] = train(mesh, steps, batch, 1)
+    assert (metrics["loss"], metrics["grad_norm"], metrics["tokens"], metrics["nonfinite"]) == (
+        0.0, 0.0, 0.0, 0.0)
+
+
+def test_a_skipped_update_leaves_the_learning_rate_the_schedules_at_the_step():
+    """Warmup over 2 steps: the learning rate is 0 at step 0, half the peak at step 1. After a
+    skipped step 0, step 1 applies half the peak: Adam's first update moves a parameter without
+    weight decay by the learning rate wherever its gradient is far above eps."""
+    mesh, steps = compiled(skip_nonfinite=True)
+    nan = make_batch(seed=1)
+    nan["mask"][0, 0] = np.nan
+    state = steps.init()
+    before = jax.device_get(state.params)  # (the step donates the state it is given)
+    state, skipped = steps.train(state, sharding.global_batch(mesh, nan, BATCH))
+    assert skipped["nonfinite"] == 1.0 and int(state.step) == 1
+    state, metrics = steps.train(state, sharding.global_batch(mesh, make_batch(), BATCH))
+    half_peak = run_config().optim.learning_rate / 2
+    assert metrics["learning_rate"] == np.float32(half_peak)
+    moved = jax.tree.map(np.subtract, jax.device_get(state.params), before)
+    grads = jax.tree.map(lambda m: m / 0.1, jax.device_get(  # Adam's first moment: (1 - b1) * g
+        optax.tree_utils.tree_get(state.opt_state, "mu")))
+    checked = 0
+    for path, delta in jax.tree_util.tree_leaves_with_path(moved):
+        if path[-1].key == "bias":
+            grad = functools.reduce(lambda node, key: node[key.key], path, grads)
+            steep = np.abs(grad) > 1e-4
+            np.testing.assert_allclose(np.abs(delta[steep]), half_peak, rtol=1e-3)
+            checked += steep.sum()
+    assert checked > 100
+
+
+def test_float16_training_without_loss_scaling_is_refused():
+    c = valid_config()
+    c.model.dtype = "float16"
+    with pytest.raises(ConfigError, match=r"config.model.dtype='float16' would train without loss "
+                                          r"scaling.*use bfloat16"):
+        validate(c, num_devices=8)
 
 
 def test_the_cpu_train_step_runs_xlas_own_dots_not_ynnpack_fusions():
