@@ -18,7 +18,7 @@ from test_train import run_train
 from lm import corpus, data, perplexity, prepare, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, default_config
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, Transformer, token_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTH = 8
@@ -238,9 +238,9 @@ def test_the_mask_is_zero_exactly_where_the_target_is_a_prompt_token(examples):
 
 
 def test_the_loss_ignores_the_logits_of_prompt_targets_and_uses_the_completions(examples):
-    class Logits:  # a stand-in model whose parameters are its logits
-        def apply(self, variables, inputs, **_):
-            return variables["params"]
+    class Logits:  # a stand-in model whose parameters are its logits, scored as the model scores
+        def apply(self, variables, inputs, targets, **_):
+            return token_losses(variables["params"], targets)
 
     batch = next(data.train_batches(examples.train, LENGTH, 8, seed=0))
     logits = np.random.default_rng(0).normal(size=batch["inputs"].shape + (64,)).astype(np.float32)
