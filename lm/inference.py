@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -49,25 +48,30 @@ class LoadedModel:
             out = np.asarray(self._forward({"params": self.params}, batch))
         return out[0] if ids.ndim == 1 else out
 
-    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 100, *,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 max_new_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+                 on_text: Callable[[str], None] | None = None, skip_special_tokens: bool = True
                  ) -> list[str]:
         """Continuations of each prompt, cut at the end-of-document token and before any `stop`.
 
-        `on_text` streams the text of a single prompt as it is generated.
+        A prompt is a text, which starts as `tokenizer.prompt_ids` starts it, or token ids,
+        continued as they are. `on_text` streams the text of a single prompt as it is generated.
+        Special tokens (e.g. <|endoftext|>) are left out of the text unless `skip_special_tokens`
+        is False, as HuggingFace's decode does.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         on_token = None
         if on_text is not None:
             if len(prompts) != 1:
                 raise ValueError("streaming (on_text) needs a single prompt")
-            on_token = _Streamer(self.tokenizer, on_text)
-        ids = [tokenizers.prompt_ids(self.tokenizer, p) for p in prompts]
+            on_token = _Streamer(self.tokenizer, on_text, skip_special_tokens)
+        ids = [tokenizers.prompt_ids(self.tokenizer, p) if isinstance(p, str)
+               else np.asarray(p, np.int32) for p in prompts]
         tokens = self.generate_tokens(ids, max_new_tokens,
                                       options=SamplingOptions(temperature, top_k, top_p),
                                       seed=seed, on_token=on_token)
-        return [_cut(self.tokenizer.decode(t), stop) for t in tokens]
+        return [_cut(self.tokenizer.decode(t, skip_special_tokens), stop) for t in tokens]
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                         options: SamplingOptions = SamplingOptions(), seed: int = 0,
@@ -107,15 +111,17 @@ class _Streamer:
     """Decodes a growing list of ids and passes on only the new text (ids can merge into one
     character, so decoding token by token would garble multi-byte text)."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, on_text: Callable[[str], None]):
+    def __init__(self, tokenizer: tokenizers.Tokenizer, on_text: Callable[[str], None],
+                 skip_special_tokens: bool):
         self.tokenizer, self.on_text, self.ids, self.text = tokenizer, on_text, [], ""
+        self.skip_special_tokens = skip_special_tokens
 
     def __call__(self, tokens: np.ndarray) -> None:
         token = int(np.asarray(tokens)[0])
         if token == self.tokenizer.eos_id:
             return
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         if not text.endswith("\ufffd"):  # wait for the rest of an incomplete UTF-8 sequence
             self.on_text(text[len(self.text):])
             self.text = text
@@ -157,7 +163,7 @@ def load(path: str | os.PathLike, *, step: int | None = None, fsdp: int = 1, ten
         path = hf.cached_import(os.fspath(path)[3:])
     checkpoint.check_directory(path)
     workdir, step_dir = _workdir_and_step(fs.absolute(path), step)
-    config = ConfigDict(json.loads(fs.read_text(workdir / "config.json")))
+    config = checkpoint.load_run_config(workdir)
     config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor)
     tokenizer = tokenizers.load(workdir / "tokenizer.json")
     mesh = sharding.make_mesh(config, devices)

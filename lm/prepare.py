@@ -285,7 +285,7 @@ class Preparation:
         entries = [m["splits"][split] for m in markers]
         tokens = sum(e["tokens"] for e in entries)
         head, masked = [], self.data.format != "text"
-        if tokens:
+        if tokens and self.tokenizer.eos_id >= 0:  # an imported tokenizer may lack one
             eos = np.array([self.tokenizer.eos_id], self.dtype)
             fs.write_bytes(self.work / f"{split}-head.bin", eos.tobytes())
             head = [f"{split}-head.bin"]
