@@ -156,6 +156,7 @@ def resolve_attention(impl: str, dtype: str, dropout: float) -> str:
     on a TPU, cuDNN's fused attention on a GPU in 16-bit, else xla. Neither fused kernel has
     attention dropout: `auto` with dropout is xla, and naming one of them with dropout is refused."""
     if impl == "auto":
+        import jax  # here, not on import: tokenizing workers import this module and need no JAX
         backend = jax.default_backend()
         if dropout == 0 and backend == "tpu":
             return "splash"
