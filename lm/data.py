@@ -1,6 +1,7 @@
 """Prepared token shards -> shuffled, process-sharded grain batches of next-token windows.
 
-A split is a `TokenStream`: its memory-mapped shards read as one stream (lm/prepare.py writes them).
+A split is a `TokenStream`: the memory-mapped shards its manifest names (lm/prepare.py writes both),
+read as one stream.
 Only the windows a process batches are ever read, and grain's iterator state is a position in the
 sequence of windows, so a checkpoint holds a few integers and a restored run reads exactly the next
 batch.
