@@ -10,7 +10,6 @@ import re
 import sys
 from typing import Sequence
 
-import jax
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
@@ -37,29 +36,45 @@ def default_config() -> ConfigDict:
     m.norm_eps = 1e-5           # added to the variance in the norms
     m.position = "learned"      # learned | rope
     m.rope_theta = 10000.0      # rope's base wavelength
+    m.rope_scaling = "none"     # none | linear | llama3 (Llama 3.1+): rope frequencies stretched
+                                # for a longer context than pretraining's (model.rope_frequencies)
+    m.rope_scaling_factor = 1.0  # linear, llama3: how much longer the context is
+    m.rope_low_freq_factor = 1.0   # llama3: wavelengths over original_context/this are divided fully
+    m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original_context/this are kept
+    m.rope_original_context = 8192  # llama3: the context length of pretraining
     m.mlp = "gelu"              # gelu (tanh approximation, GPT-2) | gelu_exact (erf) | swiglu
     m.use_bias = True           # biases in linear layers and LayerNorm (GPT-2 True, LLaMA False)
+    m.qkv_bias = False          # biases on the query, key and value projections even without
+                                # use_bias (Qwen2's layout)
     m.tie_embeddings = True     # the output head is the embedding table (GPT-2) or its own (LLaMA)
     m.init_std = 0.02           # normal init std; residual output projections / sqrt(2 layers)
-    m.dtype = "float32"         # compute dtype, e.g. bfloat16
+    m.dtype = "float32"         # compute dtype, e.g. bfloat16 (float16: inference only, since
+                                # training has no loss scaling)
     m.param_dtype = "float32"   # parameters and optimizer state
     m.remat_policy = "none"     # none, or a jax.checkpoint_policies name, e.g. nothing_saveable
     m.scan_layers = True        # one compiled block looped over the layers: compile time flat in
                                 # depth; False unrolls them (faster steps on a CPU)
-    m.attention_impl = "auto"   # auto (cuDNN flash attention on GPU in 16-bit, else xla) | xla | cudnn
+    m.attention_impl = "auto"   # auto (splash on TPU, cuDNN on GPU in 16-bit, else xla) | xla |
+                                # cudnn | splash; see docs/scaling.md
+    m.loss_chunk_positions = 0  # head and loss over chunks of this many positions, logits never
+                                # whole; 0: automatic (chunks where logits are large); >= context: whole
 
     c.data = d = ConfigDict()
-    d.path = "builtin:python_docs"  # .txt/.jsonl(.gz) file, directory or glob (comma-separated),
-                                    # builtin:python_docs, or a directory `python -m lm.prepare` wrote
+    d.path = "builtin:python_docs"  # text/.jsonl/.parquet/.arrow (.gz, .zst) files, directories
+                                    # or globs (comma-separated; local, gs://, s3://),
+                                    # builtin:python_docs, hf:NAME (a HuggingFace hub dataset,
+                                    # streamed), or a directory `python -m lm.prepare` wrote
     d.tokenizer = "char"            # char | byte | train:N (sentencepiece, N pieces) | a .model path
                                     # | a tokenizer .json (HuggingFace or a workdir's)
     d.val_fraction = 0.1            # held out by document; fewer than 10 texts: each one's tail
     d.format = "text"               # text | prompt_completion (jsonl examples, loss on completions)
-    d.text_field = "text"           # the field of a .jsonl line that holds a document
+    d.text_field = "text"           # the field (jsonl) or column (parquet, arrow) of the text
     d.prompt_field = "prompt"       # prompt_completion: the field of the prompt
     d.completion_field = "completion"  # prompt_completion: the field of the completion
-    d.segment_documents = False     # attention and positions restart at every document (packing)
+    d.segment_documents = False     # attention and positions restart at every document (packing),
+                                    # each from the end-of-document id before it
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
+    d.prepare_workers = 0           # processes tokenizing on each host; 0: one per CPU core
     d.read_threads = 0              # grain reader threads; 0 reads in the training thread, best for
                                     # local shards (page cache); raise it for slow or network disks
     d.shard_cache_dir = "~/.cache/lm/shards"  # prepared shards in a bucket are copied here once
@@ -71,7 +86,7 @@ def default_config() -> ConfigDict:
     o.min_learning_rate = 1e-4  # the floor the decay ends at
     o.warmup_steps = 100        # linear from 0 to learning_rate
     o.schedule = "cosine"       # cosine | linear | constant (after warmup)
-    o.decay_steps = 0           # 0: train.steps
+    o.decay_steps = 0           # 0: train.steps (a resume that changes train.steps must set it)
     o.b1 = 0.9                  # AdamW first-moment decay
     o.b2 = 0.95                 # AdamW second-moment decay
     o.eps = 1e-8                # AdamW denominator epsilon
@@ -115,10 +130,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.position": ("learned", "rope"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
     "model.mlp": ("gelu", "gelu_exact", "swiglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("auto", "xla", "cudnn"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "splash"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
 DATA_FORMATS = ("text", "prompt_completion")
@@ -133,6 +149,24 @@ def _get(config: ConfigDict, path: str):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def resolve_attention(impl: str, dtype: str, dropout: float) -> str:
+    """The attention implementation a model runs (lm/attention.py). `auto`: Pallas splash attention
+    on a TPU, cuDNN's fused attention on a GPU in 16-bit, else xla. Neither fused kernel has
+    attention dropout: `auto` with dropout is xla, and naming one of them with dropout is refused."""
+    if impl == "auto":
+        import jax  # here, not on import: tokenizing workers import this module and need no JAX
+        backend = jax.default_backend()
+        if dropout == 0 and backend == "tpu":
+            return "splash"
+        if dropout == 0 and backend == "gpu" and dtype != "float32":
+            return "cudnn"
+        return "xla"
+    _check(dropout == 0 or impl == "xla",
+           f"config.model.attention_impl={impl!r} has no attention dropout, and "
+           f"config.model.dropout={dropout}; set the dropout to 0, or attention_impl to xla or auto")
+    return impl
 
 
 def mesh_shapes(config: ConfigDict, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -183,6 +217,8 @@ def validate_data(data: ConfigDict) -> None:
     _check(0.0 <= data.val_fraction < 1.0,
            f"config.data.val_fraction={data.val_fraction} must be in [0, 1)")
     _check(data.read_threads >= 0, f"config.data.read_threads={data.read_threads} must be >= 0")
+    _check(data.prepare_workers >= 0,
+           f"config.data.prepare_workers={data.prepare_workers} must be >= 0 (0: one per core)")
     _check(re.match(r"[a-z][a-z0-9+.-]*://", data.shard_cache_dir) is None,
            f"config.data.shard_cache_dir={data.shard_cache_dir!r} must be a local directory (a "
            f"cache of bucket shards), or empty to read them by ranges")
@@ -190,8 +226,26 @@ def validate_data(data: ConfigDict) -> None:
         _check(bool(data[name]), f"config.data.{name} is empty; name the jsonl field to read")
 
 
+def validate_rope_scaling(m: ConfigDict) -> None:
+    """The checks of config.model's rope scaling fields (also run on an imported HF config)."""
+    if m.rope_scaling == "none":
+        return
+    _check(m.position == "rope", f"config.model.rope_scaling={m.rope_scaling!r} needs "
+           f"config.model.position='rope' (it is {m.position!r})")
+    _check(m.rope_scaling_factor > 0,
+           f"config.model.rope_scaling_factor={m.rope_scaling_factor} must be > 0")
+    if m.rope_scaling == "llama3":
+        _check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+               f"config.model.rope_low_freq_factor={m.rope_low_freq_factor} and "
+               f"rope_high_freq_factor={m.rope_high_freq_factor} must satisfy 0 < low < high")
+        _check(m.rope_original_context >= 1,
+               f"config.model.rope_original_context={m.rope_original_context} must be >= 1")
+
+
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError naming the field and the fix for anything that would fail later."""
+    import jax  # here, not on import: tokenizing workers import this module and need no JAX
+
     num_devices = jax.device_count() if num_devices is None else num_devices
     for path, choices in _CHOICES.items():
         _check(_get(config, path) in choices,
@@ -210,10 +264,20 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
            f"config.model.num_kv_heads={kv} does not divide config.model.num_heads={m.num_heads}")
     _check(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0,
            f"rope needs an even head dimension, got d_model/num_heads={m.d_model // m.num_heads}")
+    validate_rope_scaling(m)
     _check(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
+    resolve_attention(m.attention_impl, m.dtype, m.dropout)
     _check(m.attention_impl != "cudnn" or (jax.default_backend() == "gpu" and m.dtype != "float32"),
            f"config.model.attention_impl='cudnn' needs a GPU and a 16-bit config.model.dtype (here "
            f"{jax.default_backend()}, {m.dtype}); use 'auto' to pick it only where it runs")
+    _check(m.attention_impl != "splash" or jax.default_backend() == "tpu",
+           f"config.model.attention_impl='splash' needs a TPU (here {jax.default_backend()}, where "
+           f"Pallas would only interpret it, slowly); use 'auto' to pick it only where it runs")
+    _check(m.loss_chunk_positions >= 0,
+           f"config.model.loss_chunk_positions={m.loss_chunk_positions} must be >= 0 (0: automatic)")
+    _check(m.dtype != "float16",
+           "config.model.dtype='float16' would train without loss scaling (small gradients "
+           "underflow to 0); use bfloat16, which has float32's range")
     _check(m.remat_policy == "none" or hasattr(jax.checkpoint_policies, m.remat_policy),
            f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
            f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")
@@ -238,6 +302,24 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
                f"config.mesh.tensor={tensor} (heads are split over the tensor axis)")
     _check(m.d_model % fsdp == 0,
            f"config.model.d_model={m.d_model} must be divisible by config.mesh.fsdp={fsdp}")
+
+
+def over_defaults(saved: dict) -> ConfigDict:
+    """A saved run config (a workdir's config.json) over today's defaults: the fields added since
+    it was written take their defaults, and the fields removed since are dropped, so a workdir an
+    older lm wrote loads (checkpoint.load_run_config reads it)."""
+    config = default_config()
+
+    def merge(target: ConfigDict, values: dict) -> None:
+        for key, value in values.items():
+            if key not in target:  # a field removed since: nothing reads it
+                continue
+            if isinstance(target[key], ConfigDict) and isinstance(value, dict):
+                merge(target[key], value)
+            else:
+                target[key] = type(target[key])(value) if isinstance(target[key], float) else value
+    merge(config, saved)
+    return config
 
 
 def load_config_flag(flag: flags.FlagHolder) -> ConfigDict:

@@ -1,6 +1,7 @@
 """Prepared token shards -> shuffled, process-sharded grain batches of next-token windows.
 
-A split is a `TokenStream`: its memory-mapped shards read as one stream (lm/prepare.py writes them).
+A split is a `TokenStream`: the memory-mapped shards its manifest names (lm/prepare.py writes both),
+read as one stream.
 Only the windows a process batches are ever read, and grain's iterator state is a position in the
 sequence of windows, so a checkpoint holds a few integers and a restored run reads exactly the next
 batch.
@@ -55,11 +56,13 @@ class TokenStream:
 def segments(inputs: np.ndarray, eos_id: int) -> Batch:
     """Segment ids and positions of packed documents in [rows, length] inputs.
 
-    A document's end-of-document token is its own last token (as when it is tokenized alone), so a
-    new segment, with positions from 0, starts right after each one.
+    A document starts at the end-of-document token before it, at position 0, as every document
+    starts where it is scored or sampled alone (`tokenizer.document_ids`): its first token is
+    predicted from "a document starts here" only, and its own last token predicts its end. A row
+    that starts inside a document starts a segment there too (a cut, as in unpacked windows).
     """
-    starts = np.ones(inputs.shape, bool)
-    starts[:, 1:] = inputs[:, :-1] == eos_id
+    starts = inputs == eos_id
+    starts[:, 0] = True
     index = np.arange(inputs.shape[1], dtype=np.int32)
     return {"segment_ids": np.cumsum(starts, axis=1, dtype=np.int32),
             "positions": index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)}
@@ -102,7 +105,7 @@ def train_batches(tokens: TokenStream, length: int, global_batch: int, seed: int
 
     Global batch k is windows k*global_batch... of that sequence; process p takes every
     process_count-th of them from p, and reads no others. With `segment_eos`, batches also carry
-    `segment_ids` and `positions` that restart after each end-of-document token. `read_threads`
+    `segment_ids` and `positions` that restart at each end-of-document token. `read_threads`
     prefetching threads (0: none) suit slow disks; from the page cache, grain's default 16 only
     contend with the train step for the GIL and the cores (2-core baby Shakespeare: ~8% slower).
     """

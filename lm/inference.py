@@ -2,14 +2,15 @@
 
     run.logits(token_ids)               numpy in, float32 numpy out
     run.generate(["Once upon"], max_new_tokens=50, temperature=0.7)
+    lm.load("hf:gpt2")                  a HuggingFace hub model, imported once and cached
     run.perplexity(["Some held-out text."]).perplexity
+    run.harness(["hellaswag"], limit=100)   lm-evaluation-harness's results dict (lm/harness.py)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -47,27 +48,42 @@ class LoadedModel:
             out = np.asarray(self._forward({"params": self.params}, batch))
         return out[0] if ids.ndim == 1 else out
 
-    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 100, *,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 max_new_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+                 on_text: Callable[[str], None] | None = None, skip_special_tokens: bool = True
                  ) -> list[str]:
         """Continuations of each prompt, cut at the end-of-document token and before any `stop`.
 
-        `on_text` streams the text of a single prompt as it is generated.
+        A prompt is a text, which starts as `tokenizer.prompt_ids` starts it, or token ids,
+        continued as they are. `on_text` streams the text of a single prompt as it is generated.
+        Special tokens (e.g. <|endoftext|>) are left out of the text unless `skip_special_tokens`
+        is False, as HuggingFace's decode does.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         on_token = None
         if on_text is not None:
             if len(prompts) != 1:
                 raise ValueError("streaming (on_text) needs a single prompt")
-            on_token = _Streamer(self.tokenizer, on_text)
+            on_token = _Streamer(self.tokenizer, on_text, skip_special_tokens)
+        ids = [tokenizers.prompt_ids(self.tokenizer, p) if isinstance(p, str)
+               else np.asarray(p, np.int32) for p in prompts]
+        tokens = self.generate_tokens(ids, max_new_tokens,
+                                      options=SamplingOptions(temperature, top_k, top_p),
+                                      seed=seed, on_token=on_token)
+        return [_cut(self.tokenizer.decode(t, skip_special_tokens), stop) for t in tokens]
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                        options: SamplingOptions = SamplingOptions(), seed: int = 0,
+                        on_token: Callable[[np.ndarray], None] | None = None, pad_to: int = 0
+                        ) -> list[np.ndarray]:
+        """The new ids after each prompt of ids, taken as given (`generate` starts each with the
+        end-of-document id), up to the end-of-document token, which is left out. `pad_to`: see
+        sampling.generate."""
         model, params = self._decoding
-        ids = [tokenizers.document_ids(self.tokenizer, p) for p in prompts]
-        tokens = generate(model, params, ids, max_new_tokens,
-                          options=SamplingOptions(temperature, top_k, top_p),
-                          seed=seed, eos_id=self.tokenizer.eos_id, mesh=self.mesh,
-                          valid_vocab=self.tokenizer.vocab_size, on_token=on_token)
-        return [_cut(self.tokenizer.decode(t), stop) for t in tokens]
+        return generate(model, params, prompts, max_new_tokens, options=options, seed=seed,
+                        eos_id=self.tokenizer.eos_id, mesh=self.mesh,
+                        valid_vocab=self.tokenizer.vocab_size, on_token=on_token, pad_to=pad_to)
 
     @functools.cached_property
     def _decoding(self) -> tuple[Transformer, Any]:
@@ -84,20 +100,28 @@ class LoadedModel:
         return score_documents(self.model, self.params, self.tokenizer, texts, self.mesh,
                                batch_size=batch_size, stride=stride, progress=progress)
 
+    def harness(self, tasks: str | Sequence[str], **kwargs: Any) -> dict:
+        """lm-evaluation-harness's results dict for `tasks` (lm.harness.run_harness: num_fewshot,
+        limit, batch_size, include_path, ...); needs `pip install -e '.[eval]'`."""
+        from lm.harness import run_harness
+        return run_harness(self, tasks, **kwargs)
+
 
 class _Streamer:
     """Decodes a growing list of ids and passes on only the new text (ids can merge into one
     character, so decoding token by token would garble multi-byte text)."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, on_text: Callable[[str], None]):
+    def __init__(self, tokenizer: tokenizers.Tokenizer, on_text: Callable[[str], None],
+                 skip_special_tokens: bool):
         self.tokenizer, self.on_text, self.ids, self.text = tokenizer, on_text, [], ""
+        self.skip_special_tokens = skip_special_tokens
 
     def __call__(self, tokens: np.ndarray) -> None:
         token = int(np.asarray(tokens)[0])
         if token == self.tokenizer.eos_id:
             return
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         if not text.endswith("\ufffd"):  # wait for the rest of an incomplete UTF-8 sequence
             self.on_text(text[len(self.text):])
             self.text = text
@@ -132,10 +156,14 @@ def load(path: str | os.PathLike, *, step: int | None = None, fsdp: int = 1, ten
          devices: Sequence[jax.Device] | None = None) -> LoadedModel:
     """The model, parameters and tokenizer of a workdir (latest checkpoint, or `step`) or of one
     checkpoint step directory, on a mesh of `devices` (default: all): `fsdp` and `tensor` as given,
-    the rest data-parallel."""
+    the rest data-parallel. `hf:NAME` (`hf:gpt2`, `hf:org/name@revision`) is a HuggingFace hub
+    model, imported once into the lm cache directory (lm.hf.cached_import)."""
+    if os.fspath(path).startswith("hf:"):
+        from lm import hf
+        path = hf.cached_import(os.fspath(path)[3:])
     checkpoint.check_directory(path)
     workdir, step_dir = _workdir_and_step(fs.absolute(path), step)
-    config = ConfigDict(json.loads(fs.read_text(workdir / "config.json")))
+    config = checkpoint.load_run_config(workdir)
     # The mesh is this process's, whatever the training run's was (dcn_* spanned its hosts).
     config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor, dcn_data=1, dcn_fsdp=1)
     tokenizer = tokenizers.load(workdir / "tokenizer.json")

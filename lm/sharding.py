@@ -9,6 +9,7 @@ to the mesh axes `data`, `fsdp` and `tensor`, so changing the parallelism is a c
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -71,6 +72,23 @@ def tree_shardings(mesh: Mesh, boxed_tree: Any) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
 
+def split_axes(logical: str, size: int) -> tuple[str, ...] | None:
+    """The axes of the current mesh (`jax.set_mesh`, read while tracing) that split a dimension of
+    `size` named `logical`: None without a mesh, where those axes all have size 1, or where they do
+    not divide `size` (the dimension then stays whole). For code that splits by hand (shard_map)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rule = dict(LOGICAL_AXIS_RULES).get(logical)
+    names = (rule,) if isinstance(rule, str) else tuple(rule or ())
+    names = tuple(n for n in names if not mesh.empty and n in mesh.axis_names and mesh.shape[n] > 1)
+    return names if names and size % math.prod(mesh.shape[n] for n in names) == 0 else None
+
+
+def shards(logical: str, size: int) -> int:
+    """How many pieces the current mesh splits a dimension of `size` named `logical` into."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[n] for n in split_axes(logical, size) or ())
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return logical_sharding(mesh, ("act_batch", "act_length"))
 
@@ -82,7 +100,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
     """Assemble this process's rows into global arrays sharded over the batch axes of the mesh."""
     sharding = batch_sharding(mesh)
-    if jax.process_count() == 1:  # the whole batch is local: 0.2 ms against 1.6 for the below
+    if jax.process_count() == 1:  # the whole batch is local: a plain put is several times faster
         return jax.device_put(local, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
             for k, v in local.items()}

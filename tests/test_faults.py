@@ -34,7 +34,7 @@ from lm import tokenizer as tokenizers
 from lm.config import ConfigError, default_config
 from lm.model import ModelConfig, Transformer
 from lm.step import TrainState
-from lm.train import check_resumable, train_and_evaluate
+from lm.train import _check_resumable, train_and_evaluate
 
 # The learning rate is constant after step 6 (test_multihost.TINY), so how long a run was asked to
 # be does not change its steps.
@@ -166,10 +166,10 @@ def test_every_optim_field_that_changes_the_optimizer_state_is_refused_on_resume
         config = base.copy_and_resolve_references()
         config.optim[field] = value
         if structure(config) == structure(base):
-            check_resumable(config, tmp_path)
+            _check_resumable(config, tmp_path)
         else:
             with pytest.raises(ConfigError, match=rf"optim\.{field}=.*changes the optimizer state"):
-                check_resumable(config, tmp_path)
+                _check_resumable(config, tmp_path)
 
 
 def saved_config(workdir: Path) -> ConfigDict:
