@@ -2,6 +2,7 @@
 end, and check that it ends bitwise where a run that was never stopped ends.
 
     python scripts/fault_sweep.py                        # every fault, ~15 minutes on 2 CPU cores
+    python scripts/fault_sweep.py --cases=6              # 33 cases: docs/training.md's table
     python scripts/fault_sweep.py --faults=sigkill_mid_save --cases=3 --output_json=sweep.json
 
 Faults (each case a fresh workdir, the binary `python -m lm.train` in subprocesses):
