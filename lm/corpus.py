@@ -4,7 +4,8 @@
 own reference documentation and stdlib docstrings, present wherever Python is, so the quickstart
 needs no download). A text file is one document; a `.jsonl` file holds one per line, in
 `config.data.text_field`. With `config.data.format="prompt_completion"` every jsonl line is an
-example, a (prompt, completion) pair from `config.data.prompt_field` and `completion_field`.
+example, a (prompt, completion) pair from `config.data.prompt_field` and `completion_field`; with
+`chat`, a conversation (lm/chat.py) from `config.data.messages_field`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from lm import fs
+from lm.chat import Chat
 from lm.config import ConfigError
 
 BUILTIN = "builtin:"
 Example = tuple[str, str]  # (prompt, completion)
-Document = Union[str, Example]
+Document = Union[str, Example, Chat]
 
 
 @functools.cache  # a run reads it twice (to hash and to tokenize); parsing the stdlib takes seconds
@@ -96,6 +98,20 @@ def _field(record: dict, name: str, file: str, line: int, setting: str) -> str:
     return value
 
 
+def _chat(record: dict, name: str, where: str) -> Chat:
+    """A conversation: a non-empty list of {"role": str, "content": str} (other keys ignored)."""
+    messages = record.get(name) if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where}: no list of messages in field {name!r}; fix the line or set "
+                          f"config.data.messages_field to the field that holds the conversation")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise ConfigError(f"{where}: message {i} is not {{\"role\": text, \"content\": text}}; "
+                              f"fix the line")
+    return Chat(tuple((m["role"], m["content"]) for m in messages))
+
+
 def _read_jsonl(file: str, data: ConfigDict) -> list[Document]:
     docs: list[Document] = []
     for number, line in enumerate(_read_text(file).splitlines(), 1):
@@ -109,6 +125,8 @@ def _read_jsonl(file: str, data: ConfigDict) -> list[Document]:
         if data.format == "prompt_completion":
             docs.append((_field(record, data.prompt_field, file, number, "prompt_field"),
                          _field(record, data.completion_field, file, number, "completion_field")))
+        elif data.format == "chat":
+            docs.append(_chat(record, data.messages_field, f"{file}:{number}"))
         else:
             docs.append(_field(record, data.text_field, file, number, "text_field"))
     return docs
@@ -122,17 +140,21 @@ def read_documents(data: ConfigDict) -> list[Document]:
             raise ConfigError(f"config.data.path={data.path!r}: unknown built-in corpus; "
                               f"available: {', '.join(BUILTIN + n for n in _BUILTINS)}")
         if data.format != "text":
-            raise ConfigError(f"config.data.path={data.path!r} is text, not prompt/completion "
+            raise ConfigError(f"config.data.path={data.path!r} is text, not {data.format} "
                               f"examples; set config.data.format=text")
         return _BUILTINS[name]()
     docs: list[Document] = []
     for file in expand(data.path):
         if _kind(file) == "jsonl":
             docs += _read_jsonl(file, data)
-        elif data.format == "prompt_completion":
-            raise ConfigError(f"{file}: prompt/completion examples must be .jsonl (or .jsonl.gz) "
-                              f"lines with {data.prompt_field!r} and {data.completion_field!r}; "
-                              f"leave it out of config.data.path or set config.data.format=text")
+        elif data.format != "text":
+            what, fields = (("prompt/completion examples",
+                             f"{data.prompt_field!r} and {data.completion_field!r}")
+                            if data.format == "prompt_completion" else
+                            ("chat conversations", repr(data.messages_field)))
+            raise ConfigError(f"{file}: {what} must be .jsonl (or .jsonl.gz) lines with "
+                              f"{fields}; leave it out of config.data.path or set "
+                              f"config.data.format=text")
         else:
             docs.append(_read_text(file))
     docs = [d for d in docs if d]  # an empty text would be a lone end-of-document id
@@ -143,7 +165,8 @@ def read_documents(data: ConfigDict) -> list[Document]:
 
 def texts(docs: list[Document]) -> list[str]:
     """Every string the documents hold: what a tokenizer is fitted on."""
-    return [t for d in docs for t in ((d,) if isinstance(d, str) else d)]
+    return [t for d in docs for t in ((d,) if isinstance(d, str) else
+                                      [c for _, c in d.messages] if isinstance(d, Chat) else d)]
 
 
 def input_hash(data: ConfigDict) -> str:

@@ -21,12 +21,21 @@ from lm.config import ConfigError
 Batch = dict[str, np.ndarray]
 
 
-class TokenStream:
-    """A split's token ids, and for prompt/completion data each token's loss weight as a target,
-    stored in shards and read as one stream: a window may span two shards."""
+# Bits of a .mask byte: the token is scored as a target; a document (a chat) starts at the token.
+SCORED, DOCUMENT_START = 1, 2
 
-    def __init__(self, shards: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None):
+
+class TokenStream:
+    """A split's token ids, and for prompt/completion and chat data each token's loss weight as a
+    target, stored in shards and read as one stream: a window may span two shards.
+
+    `marks_documents`: the weights also mark where each document starts (chat data, whose end of
+    turn may be the end-of-document id: conversations cannot be told apart by it)."""
+
+    def __init__(self, shards: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None,
+                 marks_documents: bool = False):
         self.shards, self.weights = list(shards), None if weights is None else list(weights)
+        self.marks_documents = marks_documents
         self._starts = [0]
         for shard in self.shards:
             self._starts.append(self._starts[-1] + len(shard))
@@ -48,18 +57,26 @@ class TokenStream:
         """Positions [start, start + size): `tokens`, and `weights` when the stream has them."""
         window = {"tokens": self._read(self.shards, start, start + size)}
         if self.weights is not None:
-            window["weights"] = self._read(self.weights, start, start + size)
+            marks = self._read(self.weights, start, start + size)
+            window["weights"] = marks & SCORED
+            if self.marks_documents:
+                window["starts"] = (marks & DOCUMENT_START) > 0
         return window
 
 
-def segments(inputs: np.ndarray, eos_id: int) -> Batch:
+def segments(inputs: np.ndarray, eos_id: int, starts: np.ndarray | None = None) -> Batch:
     """Segment ids and positions of packed documents in [rows, length] inputs.
 
     A document's end-of-document token is its own last token (as when it is tokenized alone), so a
-    new segment, with positions from 0, starts right after each one.
+    new segment, with positions from 0, starts right after each one; or where `starts` [rows,
+    length] marks one, when given.
     """
-    starts = np.ones(inputs.shape, bool)
-    starts[:, 1:] = inputs[:, :-1] == eos_id
+    if starts is None:
+        starts = np.ones(inputs.shape, bool)
+        starts[:, 1:] = inputs[:, :-1] == eos_id
+    else:
+        starts = starts.copy()
+        starts[:, 0] = True
     index = np.arange(inputs.shape[1], dtype=np.int32)
     return {"segment_ids": np.cumsum(starts, axis=1, dtype=np.int32),
             "positions": index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)}
@@ -73,7 +90,8 @@ def _to_batch(windows: dict[str, np.ndarray], segment_eos: int | None) -> Batch:
             else np.ones(targets.shape, np.float32))
     batch = {"inputs": inputs, "targets": targets, "mask": mask}
     if segment_eos is not None:
-        batch.update(segments(inputs, segment_eos))
+        starts = windows["starts"][:, :-1] if "starts" in windows else None
+        batch.update(segments(inputs, segment_eos, starts))
     return batch
 
 

@@ -42,7 +42,7 @@ def preflight(config: ConfigDict, memory_budget_gib: float = 0.0) -> dict:
         Transformer(cfg), optim.make_optimizer(config.optim, t.steps),
         optim.learning_rate_schedule(config.optim, t.steps), mesh, seed=config.seed,
         batch_size=t.batch_size, z_loss=t.z_loss, grad_accum_steps=config.optim.grad_accum_steps)
-    params = sum(x.size for x in jax.tree.leaves(steps.abstract_state.params))
+    params = sum(x.size for x in jax.tree.leaves(steps.abstract_state.model_params()))
     memory = (steps.memory_bytes_per_device or 0) / 2 ** 30
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) / 2 ** 30
     budget = memory_budget_gib or limit

@@ -24,8 +24,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import checkpoint, compilation_cache, data, distributed, flops, fs, optim, prepare
-from lm import sampling, sharding, step
+from lm import chat, checkpoint, compilation_cache, data, distributed, flops, fs, lora_base, optim
+from lm import prepare, sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
@@ -60,8 +60,9 @@ class Preempted(Exception):
     """SIGTERM arrived; the current step was saved."""
 
 
-# Fields that fix what a checkpoint means: resuming with other values would load nonsense.
-_FROZEN = ("model", "data.tokenizer", "data.path")
+# Fields that fix what a checkpoint means: resuming with other values would load nonsense. (A LoRA
+# run's base, train.init_from, is checked by lm/lora_base.py.)
+_FROZEN = ("model", "data.tokenizer", "data.path", "data.chat_template", "lora")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -110,17 +111,27 @@ def _catch_sigterm() -> tuple[threading.Event, Callable[[], None]]:
 
 
 def _restore_or_init(steps: step.CompiledSteps, checkpointer: checkpoint.Checkpointer,
-                     train_iter, init_from: str) -> step.TrainState:
-    """The latest checkpoint's state; else a fresh one, with `init_from`'s parameters if given."""
+                     train_iter, init_from: str, workdir: fs.Path) -> step.TrainState:
+    """The latest checkpoint's state; else a fresh one, with `init_from`'s parameters if given.
+    A LoRA run's state gets its frozen base (`init_from`'s, as recorded at its start)."""
     state = checkpointer.restore_latest(steps.abstract_state, train_iter)
+    adapters = steps.abstract_state.frozen is not None
     if state is not None:
         console(f"resumed from step {int(state.step)} ({checkpointer.directory})")
-        return state
-    state = steps.init()
-    if init_from:
-        state = state.replace(params=checkpoint.restore_params(init_from,
-                                                               steps.abstract_state.params))
-        console(f"parameters initialised from {init_from}")
+    else:
+        state = steps.init()
+        if init_from and not adapters:
+            state = state.replace(params=checkpoint.restore_params(init_from,
+                                                                   steps.abstract_state.params))
+            console(f"parameters initialised from {init_from}")
+        elif adapters and checkpointer.steps():  # adapters alone: a PEFT adapter's import
+            state = state.replace(params=checkpoint.restore_params(
+                checkpointer.directory, steps.abstract_state.params))
+            console(f"adapters initialised from {checkpointer.directory}")
+    if adapters:
+        state = state.replace(frozen=lora_base.restore_base(
+            workdir, init_from, steps.abstract_state.frozen, record=True))
+        console(f"adapters train on the frozen base {lora_base.base_directory(workdir, init_from)}")
     return state
 
 
@@ -163,12 +174,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                                skip_nonfinite=t.skip_nonfinite,
                                segments=config.data.segment_documents)
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", t)
-    state = _restore_or_init(steps, checkpointer, train_iter, t.init_from)
+    state = _restore_or_init(steps, checkpointer, train_iter, t.init_from, workdir)
     start = int(state.step)
 
     unigram = data.unigram_cross_entropy(*prepared.counts, cfg.vocab_size)
-    console(f"model: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
-            f"{cfg.num_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size} "
+    trained = sum(x.size for x in jax.tree.leaves(state.params))
+    total = sum(x.size for x in jax.tree.leaves(state.model_params()))
+    adapters = f" ({trained:,} in LoRA adapters)" if cfg.lora_rank else ""
+    console(f"model: {total:,} parameters{adapters}, {cfg.num_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size} "
             f"(tokenizer {prepared.tokenizer.vocab_size})")
     console(f"data: {len(prepared.train):,} train / {len(prepared.val):,} val tokens "
             f"({prepared.meta['dtype']} shards in {prepared.directory}); "
@@ -193,7 +206,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                 metrics = report.train(i, metrics)
             if i % t.eval_every == 0 or i == t.steps:
                 val_loss, val_tokens = evaluate(
-                    steps, state.params, val_batches(final=True) if i == t.steps else periodic_val,
+                    steps, state.model_params(), val_batches(final=True) if i == t.steps else periodic_val,
                     mesh, t.batch_size)
                 report.eval(i, val_loss, val_tokens, unigram)
             if checkpointer.should_save(i) or i == t.steps or sigterm.is_set():
@@ -211,13 +224,20 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
 
     if start == t.steps:
         console(f"{workdir} is already at step {start} of {t.steps}: nothing to train")
-        val_loss, _ = evaluate(steps, state.params, val_batches(final=True), mesh, t.batch_size)
+        val_loss, _ = evaluate(steps, state.model_params(), val_batches(final=True), mesh,
+                               t.batch_size)
     if t.sample_length > 0:
-        prompt = tokenizers.document_ids(prepared.tokenizer, t.sample_prompt)
+        stop = None
+        if config.data.format == "chat":  # the prompt as a user's turn, answered in one turn
+            template = chat.ChatTemplate.for_run(config.data, prepared.tokenizer)
+            prompt, stop = template.prompt_ids(t.sample_prompt), template.end_of_turn
+        else:
+            prompt = tokenizers.document_ids(prepared.tokenizer, t.sample_prompt)
         length = min(t.sample_length, cfg.context_length - 1)
         options = sampling.SamplingOptions(temperature=t.sample_temperature, top_k=t.sample_top_k)
-        [tokens] = sampling.generate(model, state.params, [prompt[-(cfg.context_length - length):]],
-                                     length, options=options, seed=config.seed, mesh=mesh,
+        [tokens] = sampling.generate(model, state.model_params(),
+                                     [prompt[-(cfg.context_length - length):]], length,
+                                     options=options, seed=config.seed, mesh=mesh, eos_id=stop,
                                      valid_vocab=prepared.tokenizer.vocab_size)
         text = prepared.tokenizer.decode(tokens)
         console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
