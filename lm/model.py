@@ -99,7 +99,8 @@ class ModelConfig:
                               f"{tokenizer_vocab}")
         cfg = cls.from_config(config.model, vocab)
         if config.get("lora") and config.lora.rank:
-            targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip())
+            targets = tuple(t.strip() for t in config.lora.targets.split(",")
+                            if t.strip() and (t.strip() != "gate" or cfg.mlp == "swiglu"))
             cfg = dataclasses.replace(cfg, lora_rank=config.lora.rank,
                                       lora_alpha=float(config.lora.alpha),
                                       lora_dropout=float(config.lora.dropout), lora_targets=targets)
