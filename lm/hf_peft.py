@@ -27,7 +27,7 @@ from ml_collections import ConfigDict
 from lm import fs
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError
-from lm.hf import (GPT2, _Entry, _export_architecture, _LmParams, _read_json, _run_model_config,
+from lm.hf import (_IMPORTED, GPT2, _Entry, _export_architecture, _LmParams, _read_json, _run_model_config,
                    _save_params, _tensors, _write_safetensors, load_run_config,
                    param_shapes)
 from lm.lora import split
@@ -121,12 +121,19 @@ def export_adapter(workdir: str | os.PathLike, hf_dir: str | os.PathLike,
             ranks[module] = a.shape[0]
     fs.makedirs(hf_dir)
     _write_safetensors(hf_dir / "adapter_model.safetensors", entries)
-    record = fs.path(workdir) / lora_base.BASE_RECORD
-    base = base_model_name_or_path or (json.loads(fs.read_text(record))["init_from"]
-                                       if fs.is_file(record) else config.train.init_from)
+    base = base_model_name_or_path or _base_name(workdir, config, lora_base.BASE_RECORD)
     fs.write_text(hf_dir / "adapter_config.json", json.dumps(
         _adapter_config(cfg, arch, ranks, base), indent=2))
     return arch
+
+
+def _base_name(workdir: fs.Path, config: ConfigDict, record: str) -> str:
+    """What the adapter's base is called: a hub model's name when the base is lm's cached import of
+    one (`lm.load("hf:NAME")`, `--hf=NAME`), else the base's lm workdir."""
+    base = (json.loads(fs.read_text(workdir / record))["init_from"]
+            if fs.is_file(workdir / record) else config.train.init_from)
+    imported = fs.path(base) / _IMPORTED
+    return json.loads(fs.read_text(imported))["repo"] if fs.is_file(imported) else base
 
 
 def _adapter_config(cfg: ModelConfig, arch: str, ranks: dict[str, int], base: str) -> dict:

@@ -85,6 +85,16 @@ class ModelConfig:
         fields.update(vocab_size=vocab_size, num_kv_heads=model.num_kv_heads or model.num_heads)
         return cls(**fields)
 
+    def adapted(self, lora: ConfigDict | None) -> ModelConfig:
+        """This model with config.lora's adapters (none when its rank is 0); `gate` names a layer
+        of SwiGLU MLPs only."""
+        if not lora or not lora.rank:
+            return self
+        targets = tuple(t for t in (t.strip() for t in lora.targets.split(","))
+                        if t and (t != "gate" or self.mlp == "swiglu"))
+        return dataclasses.replace(self, lora_rank=lora.rank, lora_alpha=float(lora.alpha),
+                                   lora_dropout=float(lora.dropout), lora_targets=targets)
+
     @classmethod
     def for_run(cls, config: ConfigDict, tokenizer_vocab: int, tensor: int) -> ModelConfig:
         """A run's model, its vocabulary resolved against the tokenizer's and checked, as is its
@@ -97,13 +107,7 @@ class ModelConfig:
             raise ConfigError(f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
                               f"{tokenizer_vocab} ids; set it to 0 (automatic) or at least "
                               f"{tokenizer_vocab}")
-        cfg = cls.from_config(config.model, vocab)
-        if config.get("lora") and config.lora.rank:
-            targets = tuple(t.strip() for t in config.lora.targets.split(",")
-                            if t.strip() and (t.strip() != "gate" or cfg.mlp == "swiglu"))
-            cfg = dataclasses.replace(cfg, lora_rank=config.lora.rank,
-                                      lora_alpha=float(config.lora.alpha),
-                                      lora_dropout=float(config.lora.dropout), lora_targets=targets)
+        cfg = cls.from_config(config.model, vocab).adapted(config.get("lora"))
         for name, size in (("vocab_size", cfg.vocab_size), ("d_ff", cfg.d_ff)):
             if size % tensor:
                 raise ConfigError(f"model {name}={size} must be divisible by config.mesh.tensor="

@@ -27,7 +27,7 @@ from ml_collections import ConfigDict, config_flags
 from lm import chat, checkpoint, compilation_cache, data, distributed, flops, fs, lora_base, optim
 from lm import prepare, sampling, sharding, step
 from lm import tokenizer as tokenizers
-from lm.config import ConfigError, load_config_flag, parse_flags, validate
+from lm.config import ConfigError, default_config, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
 from lm.preflight import preflight
 from lm.model import ModelConfig, Transformer
@@ -81,6 +81,8 @@ def _check_resumable(config: ConfigDict, workdir: fs.Path) -> None:
     if not fs.exists(saved):
         return
     old, new = _flatten(json.loads(fs.read_text(saved))), _flatten(json.loads(config.to_json()))
+    # A field added to lm after the workdir was created had its default there (e.g. lora.rank 0).
+    old = {**_flatten(default_config().to_dict()), **old}
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     frozen = [k for k in changed if k.startswith(_FROZEN)]
     if frozen:
@@ -181,8 +183,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
     trained = sum(x.size for x in jax.tree.leaves(state.params))
     total = sum(x.size for x in jax.tree.leaves(state.model_params()))
     adapters = f" ({trained:,} in LoRA adapters)" if cfg.lora_rank else ""
-    console(f"model: {total:,} parameters{adapters}, {cfg.num_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size} "
-            f"(tokenizer {prepared.tokenizer.vocab_size})")
+    console(f"model: {total:,} parameters{adapters}, {cfg.num_layers} layers, d_model "
+            f"{cfg.d_model}, vocab {cfg.vocab_size} (tokenizer {prepared.tokenizer.vocab_size})")
     console(f"data: {len(prepared.train):,} train / {len(prepared.val):,} val tokens "
             f"({prepared.meta['dtype']} shards in {prepared.directory}); "
             f"unigram baseline {unigram:.3f} nats/token")
@@ -206,8 +208,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                 metrics = report.train(i, metrics)
             if i % t.eval_every == 0 or i == t.steps:
                 val_loss, val_tokens = evaluate(
-                    steps, state.model_params(), val_batches(final=True) if i == t.steps else periodic_val,
-                    mesh, t.batch_size)
+                    steps, state.model_params(),
+                    val_batches(final=True) if i == t.steps else periodic_val, mesh, t.batch_size)
                 report.eval(i, val_loss, val_tokens, unigram)
             if checkpointer.should_save(i) or i == t.steps or sigterm.is_set():
                 _check_finite(pending, i, t.skip_nonfinite)

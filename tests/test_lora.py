@@ -32,7 +32,7 @@ import lm  # noqa: E402
 from lm import checkpoint, hf, hf_peft, lora, lora_base, optim, sharding, step  # noqa: E402
 from lm.config import ConfigError, default_config  # noqa: E402
 from lm.model import ModelConfig, Transformer  # noqa: E402
-from lm.train import train_and_evaluate  # noqa: E402
+from lm.train import _check_resumable, train_and_evaluate  # noqa: E402
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo"]
 TOLERANCE = 1e-4  # float32 logits of lm against transformers/peft (measured: ~1e-6)
@@ -211,6 +211,12 @@ def test_resume_refuses_another_template_or_adapter_shape_and_a_changed_base(lor
         changed[section][name] = value
         with pytest.raises(ConfigError, match=f"created with {field}="):
             train_and_evaluate(changed, workdir)
+    # A workdir from before config.lora and data.chat_template existed resumes: they had defaults.
+    old = json.loads(default_config().to_json())
+    del old["lora"], old["data"]["chat_template"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    _check_resumable(default_config(), tmp_path / "old")
     moved = tmp_path / "run"
     shutil.copytree(workdir, moved, ignore=shutil.ignore_patterns("checkpoints", "data"))
     record = json.loads((moved / lora_base.BASE_RECORD).read_text())
