@@ -8,7 +8,7 @@ parameters as the starting point (`train.init_from`), and default training setti
 import sys
 
 from lm.config import ConfigError
-from lm.hf import load_run_config
+from lm.checkpoint import load_run_config
 
 
 def get_config(workdir: str = ""):

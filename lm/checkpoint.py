@@ -20,7 +20,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from lm import fs
-from lm.config import ConfigError
+from lm.config import ConfigError, over_defaults
 from lm.metrics import console
 from lm.step import TrainState
 
@@ -136,6 +136,22 @@ def check_directory(path: str | os.PathLike) -> None:
         raise ConfigError(f"{os.fspath(path)}: orbax cannot write or read checkpoints at "
                           f"{fs.scheme(path)}:// paths (it supports gs:// and local paths); use a "
                           f"gs:// or local --workdir (data, tokenizers and exports may stay there)")
+
+
+def load_run_config(workdir: fs.PathLike) -> ConfigDict:
+    """The config a workdir's run was created with (its config.json: what its checkpoints mean),
+    over today's defaults. The one reader of it, for lm.train's resume check, lm.load and lm.hf
+    export, so a workdir that an older lm wrote loads with the defaults of the fields added since.
+    """
+    path = fs.path(workdir) / "config.json"
+    if not fs.exists(path):
+        raise ConfigError(f"{path} does not exist; pass a workdir that lm.train or lm.hf import "
+                          f"wrote")
+    try:
+        saved = json.loads(fs.read_text(path))
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    return over_defaults(saved)
 
 
 def step_directory(path: str | os.PathLike) -> fs.Path:

@@ -49,12 +49,16 @@ def default_config() -> ConfigDict:
                                 # use_bias (Qwen2's layout)
     m.tie_embeddings = True     # the output head is the embedding table (GPT-2) or its own (LLaMA)
     m.init_std = 0.02           # normal init std; residual output projections / sqrt(2 layers)
-    m.dtype = "float32"         # compute dtype, e.g. bfloat16
+    m.dtype = "float32"         # compute dtype, e.g. bfloat16 (float16: inference only, since
+                                # training has no loss scaling)
     m.param_dtype = "float32"   # parameters and optimizer state
     m.remat_policy = "none"     # none, or a jax.checkpoint_policies name, e.g. nothing_saveable
     m.scan_layers = True        # one compiled block looped over the layers: compile time flat in
                                 # depth; False unrolls them (faster steps on a CPU)
-    m.attention_impl = "auto"   # auto (cuDNN flash attention on GPU in 16-bit, else xla) | xla | cudnn
+    m.attention_impl = "auto"   # auto (splash on TPU, cuDNN on GPU in 16-bit, else xla) | xla |
+                                # cudnn | splash; see docs/scaling.md
+    m.loss_chunk_positions = 0  # head and loss over chunks of this many positions, logits never
+                                # whole; 0: automatic (chunks where logits are large); >= context: whole
 
     c.data = d = ConfigDict()
     d.path = "builtin:python_docs"  # .txt/.jsonl(.gz) file, directory or glob (comma-separated),
@@ -70,7 +74,8 @@ def default_config() -> ConfigDict:
     d.messages_field = "messages"   # chat: the field of a conversation's [{role, content}, ...]
     d.chat_template = ""            # chat: a Jinja chat template, or a .jinja file holding one;
                                     # "": the tokenizer's own (HuggingFace), else ChatML (lm/chat.py)
-    d.segment_documents = False     # attention and positions restart at every document (packing)
+    d.segment_documents = False     # attention and positions restart at every document (packing),
+                                    # each from the end-of-document id before it
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
     d.read_threads = 0              # grain reader threads; 0 reads in the training thread, best for
                                     # local shards (page cache); raise it for slow or network disks
@@ -91,7 +96,7 @@ def default_config() -> ConfigDict:
     o.min_learning_rate = 1e-4  # the floor the decay ends at
     o.warmup_steps = 100        # linear from 0 to learning_rate
     o.schedule = "cosine"       # cosine | linear | constant (after warmup)
-    o.decay_steps = 0           # 0: train.steps
+    o.decay_steps = 0           # 0: train.steps (a resume that changes train.steps must set it)
     o.b1 = 0.9                  # AdamW first-moment decay
     o.b2 = 0.95                 # AdamW second-moment decay
     o.eps = 1e-8                # AdamW denominator epsilon
@@ -139,7 +144,7 @@ _CHOICES = {
     "model.mlp": ("gelu", "gelu_exact", "swiglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("auto", "xla", "cudnn"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "splash"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
 DATA_FORMATS = ("text", "prompt_completion", "chat")
@@ -155,6 +160,23 @@ def _get(config: ConfigDict, path: str):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def resolve_attention(impl: str, dtype: str, dropout: float) -> str:
+    """The attention implementation a model runs (lm/attention.py). `auto`: Pallas splash attention
+    on a TPU, cuDNN's fused attention on a GPU in 16-bit, else xla. Neither fused kernel has
+    attention dropout: `auto` with dropout is xla, and naming one of them with dropout is refused."""
+    if impl == "auto":
+        backend = jax.default_backend()
+        if dropout == 0 and backend == "tpu":
+            return "splash"
+        if dropout == 0 and backend == "gpu" and dtype != "float32":
+            return "cudnn"
+        return "xla"
+    _check(dropout == 0 or impl == "xla",
+           f"config.model.attention_impl={impl!r} has no attention dropout, and "
+           f"config.model.dropout={dropout}; set the dropout to 0, or attention_impl to xla or auto")
+    return impl
 
 
 def mesh_shapes(config: ConfigDict, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -270,9 +292,18 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
            f"rope needs an even head dimension, got d_model/num_heads={m.d_model // m.num_heads}")
     validate_rope_scaling(m)
     _check(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must be in [0, 1)")
+    resolve_attention(m.attention_impl, m.dtype, m.dropout)
     _check(m.attention_impl != "cudnn" or (jax.default_backend() == "gpu" and m.dtype != "float32"),
            f"config.model.attention_impl='cudnn' needs a GPU and a 16-bit config.model.dtype (here "
            f"{jax.default_backend()}, {m.dtype}); use 'auto' to pick it only where it runs")
+    _check(m.attention_impl != "splash" or jax.default_backend() == "tpu",
+           f"config.model.attention_impl='splash' needs a TPU (here {jax.default_backend()}, where "
+           f"Pallas would only interpret it, slowly); use 'auto' to pick it only where it runs")
+    _check(m.loss_chunk_positions >= 0,
+           f"config.model.loss_chunk_positions={m.loss_chunk_positions} must be >= 0 (0: automatic)")
+    _check(m.dtype != "float16",
+           "config.model.dtype='float16' would train without loss scaling (small gradients "
+           "underflow to 0); use bfloat16, which has float32's range")
     _check(m.remat_policy == "none" or hasattr(jax.checkpoint_policies, m.remat_policy),
            f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
            f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")
@@ -298,6 +329,24 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
                f"config.mesh.tensor={tensor} (heads are split over the tensor axis)")
     _check(m.d_model % fsdp == 0,
            f"config.model.d_model={m.d_model} must be divisible by config.mesh.fsdp={fsdp}")
+
+
+def over_defaults(saved: dict) -> ConfigDict:
+    """A saved run config (a workdir's config.json) over today's defaults: the fields added since
+    it was written take their defaults, and the fields removed since are dropped, so a workdir an
+    older lm wrote loads (checkpoint.load_run_config reads it)."""
+    config = default_config()
+
+    def merge(target: ConfigDict, values: dict) -> None:
+        for key, value in values.items():
+            if key not in target:  # a field removed since: nothing reads it
+                continue
+            if isinstance(target[key], ConfigDict) and isinstance(value, dict):
+                merge(target[key], value)
+            else:
+                target[key] = type(target[key])(value) if isinstance(target[key], float) else value
+    merge(config, saved)
+    return config
 
 
 def load_config_flag(flag: flags.FlagHolder) -> ConfigDict:

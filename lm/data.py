@@ -21,7 +21,8 @@ from lm.config import ConfigError
 Batch = dict[str, np.ndarray]
 
 
-# Bits of a .mask byte: the token is scored as a target; a document (a chat) starts at the token.
+# Bits of a .mask byte: the token is scored as a target; a document starts at the token (chat data:
+# the end-of-document id before each conversation).
 SCORED, DOCUMENT_START = 1, 2
 
 
@@ -30,7 +31,7 @@ class TokenStream:
     target, stored in shards and read as one stream: a window may span two shards.
 
     `marks_documents`: the weights also mark where each document starts (chat data, whose end of
-    turn may be the end-of-document id: conversations cannot be told apart by it)."""
+    turn may be the end-of-document id: only the marked ones start a conversation)."""
 
     def __init__(self, shards: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None,
                  marks_documents: bool = False):
@@ -67,16 +68,15 @@ class TokenStream:
 def segments(inputs: np.ndarray, eos_id: int, starts: np.ndarray | None = None) -> Batch:
     """Segment ids and positions of packed documents in [rows, length] inputs.
 
-    A document's end-of-document token is its own last token (as when it is tokenized alone), so a
-    new segment, with positions from 0, starts right after each one; or where `starts` [rows,
-    length] marks one, when given.
+    A document starts at the end-of-document token before it, at position 0, as every document
+    starts where it is scored or sampled alone (`tokenizer.document_ids`): its first token is
+    predicted from "a document starts here" only, and its own last token predicts its end. A row
+    that starts inside a document starts a segment there too (a cut, as in unpacked windows).
+    `starts` [rows, length], when given, marks the end-of-document tokens that start documents
+    (chat data, whose end of turn may be the same id).
     """
-    if starts is None:
-        starts = np.ones(inputs.shape, bool)
-        starts[:, 1:] = inputs[:, :-1] == eos_id
-    else:
-        starts = starts.copy()
-        starts[:, 0] = True
+    starts = inputs == eos_id if starts is None else starts.copy()
+    starts[:, 0] = True
     index = np.arange(inputs.shape[1], dtype=np.int32)
     return {"segment_ids": np.cumsum(starts, axis=1, dtype=np.int32),
             "positions": index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)}
@@ -120,7 +120,7 @@ def train_batches(tokens: TokenStream, length: int, global_batch: int, seed: int
 
     Global batch k is windows k*global_batch... of that sequence; process p takes every
     process_count-th of them from p, and reads no others. With `segment_eos`, batches also carry
-    `segment_ids` and `positions` that restart after each end-of-document token. `read_threads`
+    `segment_ids` and `positions` that restart at each end-of-document token. `read_threads`
     prefetching threads (0: none) suit slow disks; from the page cache, grain's default 16 only
     contend with the train step for the GIL and the cores (2-core baby Shakespeare: ~8% slower).
     """

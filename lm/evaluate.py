@@ -24,6 +24,7 @@ if __name__ == "__main__":  # before the imports below, which a restart would pa
 import json
 import sys
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
@@ -70,6 +71,9 @@ _LIMIT = flags.DEFINE_integer("limit", None, "At most this many examples per tas
 _INCLUDE = flags.DEFINE_string("include_path", None, "A directory of task YAMLs (local tasks).")
 _TRUNCATE = flags.DEFINE_bool("truncate_prompt", False, "Keep a too-long prompt's last tokens "
                               "instead of failing.")
+_SKIP_SPECIAL = flags.DEFINE_bool("skip_special_tokens", True, "Leave special tokens (e.g. "
+                                  "<|endoftext|>) out of the printed samples, as HuggingFace's "
+                                  "decode does; --noskip_special_tokens shows them.")
 
 
 def _documents(run) -> tuple[list[str], str]:
@@ -114,8 +118,11 @@ def _prompts() -> list[str]:
     return prompts or [""]
 
 
-def _fit(run, prompt: str) -> tuple[str, int]:
-    """(prompt, new tokens) within the context; a too-long prompt fails unless truncated."""
+def _fit(run, prompt: str) -> tuple[np.ndarray, int]:
+    """(prompt ids, new tokens) within the context. The prompt starts as `tokenizer.prompt_ids`
+    starts it; a too-long one fails unless truncated, which keeps its last ids as they are (token
+    ids, never re-encoded text: decoding a cut can change the tokens), with no document start
+    before them."""
     context = run.model.cfg.context_length
     # For a model imported from HuggingFace, the prompt's tokens as transformers counts them.
     ids = (run.prompt_ids(prompt, chat=True) if _CHAT.value else
@@ -131,18 +138,18 @@ def _fit(run, prompt: str) -> tuple[str, int]:
     if new >= context:
         raise ConfigError(f"{new} new tokens leave no room for a prompt in the model's context of "
                           f"{context}; ask for at most {context - 1} with --max_new_tokens")
-    room = context - new - 1  # the end-of-document id that starts every document comes first
-    if len(ids) > room:
-        if not _TRUNCATE.value:
-            raise ConfigError(f"the prompt ({len(ids)} tokens) plus {new} new tokens exceeds the "
-                              f"context of {context} tokens; shorten it, ask for fewer tokens, or "
-                              f"pass --truncate_prompt to keep its end")
-        if _CHAT.value:
-            raise ConfigError(f"the chat prompt ({len(ids)} tokens with its template) plus {new} "
-                              f"new tokens exceeds the context of {context} tokens; shorten it or "
-                              f"ask for fewer tokens")
-        prompt = run.tokenizer.decode(ids[len(ids) - room:]) if room else ""
-    return prompt, new
+    whole = run.prompt_ids(prompt, _CHAT.value)  # as generate starts a text prompt
+    if len(whole) <= context - new:
+        return whole, new
+    if _CHAT.value:
+        raise ConfigError(f"the chat prompt ({len(ids)} tokens with its template) plus {new} "
+                          f"new tokens exceeds the context of {context} tokens; shorten it or "
+                          f"ask for fewer tokens")
+    if not _TRUNCATE.value:
+        raise ConfigError(f"the prompt ({len(ids)} tokens) plus {new} new tokens exceeds the "
+                          f"context of {context} tokens; shorten it, ask for fewer tokens, or "
+                          f"pass --truncate_prompt to keep its end")
+    return ids[len(ids) - (context - new):], new
 
 
 def _check_sampling_flags() -> None:
@@ -156,22 +163,22 @@ def _check_sampling_flags() -> None:
 
 def sample(run) -> dict:
     fitted = [_fit(run, p) for p in _prompts()]
-    prompts = [p for p, _ in fitted for _ in range(_NUM.value)]
+    prompts = [ids for ids, _ in fitted for _ in range(_NUM.value)]
+    shown = [run.tokenizer.decode(ids, _SKIP_SPECIAL.value) for ids in prompts]
     new = min(n for _, n in fitted)
     stream = len(prompts) == 1 and not _STOP.value and sys.stdout.isatty()
-    shown = [f"{p}\n" if _CHAT.value else p for p in prompts]  # a reply starts its own line
     if stream:
         print(shown[0], end="", flush=True)
     texts = run.generate(prompts, new, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                          top_p=_TOP_P.value, seed=_SEED.value, stop=_STOP.value,
                          on_text=(lambda t: print(t, end="", flush=True)) if stream else None,
-                         chat=_CHAT.value)
+                         skip_special_tokens=_SKIP_SPECIAL.value, chat=_CHAT.value)
     if stream:
         print()
     else:
         for i, (prompt, text) in enumerate(zip(shown, texts)):
             console(f"--- sample {i + 1} ---\n{prompt}{text}")
-    return {"step": run.step, "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]}
+    return {"step": run.step, "samples": [{"prompt": p, "text": t} for p, t in zip(shown, texts)]}
 
 
 def harness(run, tasks) -> dict:

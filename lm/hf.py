@@ -697,24 +697,6 @@ def _save_params(params: Any, checkpoints: fs.Path, step: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------
 # Export.
 
-def load_run_config(workdir: str | os.PathLike) -> ConfigDict:
-    """A workdir's config.json over today's defaults (fields it lacks keep their defaults)."""
-    saved = _read_json(fs.path(workdir) / "config.json", "pass a workdir that lm.train or "
-                       "lm.hf import wrote")
-    config = default_config()
-
-    def merge(target: ConfigDict, values: dict) -> None:
-        for key, value in values.items():
-            if key not in target:
-                continue
-            if isinstance(target[key], ConfigDict) and isinstance(value, dict):
-                merge(target[key], value)
-            else:
-                target[key] = type(target[key])(value) if isinstance(target[key], float) else value
-    merge(config, saved)
-    return config
-
-
 def _run_model_config(config: ConfigDict, tok: Any) -> ModelConfig:
     if tok is None and not config.model.vocab_size:
         raise ConfigError("the workdir has no tokenizer.json and its config.model.vocab_size "
@@ -814,7 +796,7 @@ def export_checkpoint(workdir: str | os.PathLike, hf_dir: str | os.PathLike,
         raise ConfigError(f"--dtype={dtype} is not one of {', '.join(EXPORT_DTYPES)}")
     parse_size(max_shard_size)  # before any work
     workdir, hf_dir = fs.path(workdir), fs.path(hf_dir)
-    config = load_run_config(workdir)
+    config = checkpoint.load_run_config(workdir)
     tok = (tokenizers.load(workdir / "tokenizer.json")
            if fs.is_file(workdir / "tokenizer.json") else None)
     cfg = _run_model_config(config, tok)
@@ -899,6 +881,8 @@ def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: fs.Path,
 # Command line.
 
 def main(argv: list[str]) -> None:
+    """`python -m lm.hf import|export`: the flags `run` defines, to `import_checkpoint` or
+    `export_checkpoint`; errors as one line."""
     from absl import flags
 
     f = flags.FLAGS
@@ -957,7 +941,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {fs.explain(e, e.filename or f.workdir)}")
 
 
-if __name__ == "__main__":
+def run(argv: list[str] | None = None) -> None:
+    """The binary, from Python too: `run(["lm.hf", "import", "--hf_dir=...", "--workdir=..."])`
+    (default: sys.argv). Its flags are defined here, not on import, which would clash with an
+    importer's own (lm.train's --workdir)."""
     from absl import app, flags, logging
 
     from lm.config import parse_flags
@@ -977,4 +964,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("base", None, "import of a PEFT adapter folder: the lm workdir of its base "
                         "model.")
     logging.set_verbosity(logging.WARNING)
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, argv=argv, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

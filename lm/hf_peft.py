@@ -26,10 +26,10 @@ from ml_collections import ConfigDict
 
 from lm import fs
 from lm import tokenizer as tokenizers
+from lm.checkpoint import load_run_config
 from lm.config import ConfigError
-from lm.hf import (_IMPORTED, GPT2, _Entry, _export_architecture, _LmParams, _read_json, _run_model_config,
-                   _save_params, _tensors, _write_safetensors, load_run_config,
-                   param_shapes)
+from lm.hf import (_IMPORTED, GPT2, _Entry, _export_architecture, _LmParams, _read_json,
+                   _run_model_config, _save_params, _tensors, _write_safetensors, param_shapes)
 from lm.lora import split
 from lm.model import ModelConfig
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -51,14 +50,18 @@ class LoadedModel:
             out = np.asarray(self._forward({"params": self.params}, batch))
         return out[0] if ids.ndim == 1 else out
 
-    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 100, *,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 max_new_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+                 on_text: Callable[[str], None] | None = None, skip_special_tokens: bool = True,
                  chat: bool = False) -> list[str]:
         """Continuations of each prompt, cut at the end-of-document token and before any `stop`.
 
-        `on_text` streams the text of a single prompt as it is generated. `chat`: each prompt is a
-        user's turn in the run's chat template (lm/chat.py), answered up to the end of turn.
+        A prompt is a text, which starts as `prompt_ids` starts it, or token ids, continued as
+        they are. `on_text` streams the text of a single prompt as it is generated. Special tokens
+        (e.g. <|endoftext|>) are left out of the text unless `skip_special_tokens` is False, as
+        HuggingFace's decode does. `chat`: a text prompt is a user's turn in the run's chat
+        template (lm/chat.py), and every reply ends at the end of turn.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         end = self.chat_template.end_of_turn if chat else self.tokenizer.eos_id
@@ -66,12 +69,13 @@ class LoadedModel:
         if on_text is not None:
             if len(prompts) != 1:
                 raise ValueError("streaming (on_text) needs a single prompt")
-            on_token = _Streamer(self.tokenizer, on_text, end)
-        ids = [self.prompt_ids(p, chat) for p in prompts]
+            on_token = _Streamer(self.tokenizer, on_text, skip_special_tokens, end)
+        ids = [self.prompt_ids(p, chat) if isinstance(p, str) else np.asarray(p, np.int32)
+               for p in prompts]
         tokens = self.generate_tokens(ids, max_new_tokens,
                                       options=SamplingOptions(temperature, top_k, top_p),
                                       seed=seed, on_token=on_token, eos_id=end)
-        return [_cut(self.tokenizer.decode(t), stop) for t in tokens]
+        return [_cut(self.tokenizer.decode(t, skip_special_tokens), stop) for t in tokens]
 
     def prompt_ids(self, prompt: str, chat: bool = False) -> np.ndarray:
         """The ids `generate` starts from: the prompt as a document starts, or with `chat` as a
@@ -125,15 +129,16 @@ class _Streamer:
     character, so decoding token by token would garble multi-byte text)."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, on_text: Callable[[str], None],
-                 end: int):
-        self.tokenizer, self.on_text, self.end, self.ids, self.text = tokenizer, on_text, end, [], ""
+                 skip_special_tokens: bool, end: int):
+        self.tokenizer, self.on_text, self.ids, self.text = tokenizer, on_text, [], ""
+        self.skip_special_tokens, self.end = skip_special_tokens, end
 
     def __call__(self, tokens: np.ndarray) -> None:
         token = int(np.asarray(tokens)[0])
         if token == self.end:
             return
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         if not text.endswith("\ufffd"):  # wait for the rest of an incomplete UTF-8 sequence
             self.on_text(text[len(self.text):])
             self.text = text
@@ -175,7 +180,7 @@ def load(path: str | os.PathLike, *, step: int | None = None, fsdp: int = 1, ten
         path = hf.cached_import(os.fspath(path)[3:])
     checkpoint.check_directory(path)
     workdir, step_dir = _workdir_and_step(fs.absolute(path), step)
-    config = ConfigDict(json.loads(fs.read_text(workdir / "config.json")))
+    config = checkpoint.load_run_config(workdir)
     config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor)
     tokenizer = tokenizers.load(workdir / "tokenizer.json")
     mesh = sharding.make_mesh(config, devices)

@@ -18,9 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
-from lm.config import ConfigError
+from lm import attention, sharding
+from lm.config import ConfigError, resolve_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,7 @@ class ModelConfig:
     remat_policy: str = "none"
     scan_layers: bool = True
     attention_impl: str = "auto"
+    loss_chunk_positions: int = 0  # see loss_chunk
     # Kernels stored [fan_out, fan_in], as PyTorch's nn.Linear stores them: the decoding layout
     # (sampling.decoding_layout), never a training one.
     transposed_kernels: bool = False
@@ -63,12 +66,9 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = ()
 
     @property
-    def fused_attention(self) -> bool:
-        """Whether attention runs as cuDNN's fused (flash) kernel rather than softmax(QK^T)V."""
-        if self.attention_impl == "auto":  # cuDNN wants 16-bit inputs and has no attention dropout
-            return (jax.default_backend() == "gpu" and self.dtype != "float32"
-                    and self.dropout == 0)
-        return self.attention_impl == "cudnn"
+    def attention(self) -> str:
+        """The attention implementation this model runs (lm/attention.py), `auto` resolved."""
+        return resolve_attention(self.attention_impl, self.dtype, self.dropout)
 
     @property
     def head_dim(self) -> int:
@@ -233,28 +233,54 @@ def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[batch, 1, 1, q, k]: causal, and a token sees only its own segment (packed documents)."""
-    length = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal & same_segment)[:, None, None]
-
-
-def query_block(length: int) -> int:
-    """Queries per block of causal attention on the XLA path (see _causal_attention_by_blocks): a
-    quarter of the sequence, within [32, 256]. Smaller blocks skip more of the masked triangle but
-    make smaller products. Against a fixed 128 on 2 CPU cores (medians of alternated runs): baby
-    Shakespeare (64 tokens) 41.0 against 42.7 ms a step, the 6-layer/384 model (256) 2.08-2.15
-    against 2.14-2.23 s, GPT-2's evaluation at 8x1024 16.0 against 16.2 s; GPT-2's 8x256 train
-    step 11.10 against 10.97 s, within its noise.
-    """
-    return min(max(length // 4, 32), 256)
-
-
-# Logits made at once when the model scores targets (float32 elements: 64 MiB). Whole, GPT-2's
+# Logits one chunk of the head and loss makes on each device (float32: 64 MiB). Whole, GPT-2's
 # logits at 8x1024 are 1.6 GB, and XLA:CPU ran the head's product and loss over them 1.4x slower.
 SCORE_CHUNK_ELEMENTS = 2**24
+# A train step keeps its logits whole up to this many on each device (float32: 1 GiB): through a
+# gradient XLA:CPU runs them faster whole (a 2-layer GPT-2 at 8x256, 412 MB of logits: 19.6 s a
+# step whole, 33.2 s in chunks of 41 positions recomputed for the backward pass; alternated runs).
+WHOLE_LOGITS_ELEMENTS = 2**28
+
+
+def loss_chunk(cfg: ModelConfig, batch: int, length: int, train: bool) -> int:
+    """Positions per chunk of the output head and loss (`length`: whole logits).
+    `cfg.loss_chunk_positions`, else sized per device: the batch rows and vocabulary entries a device
+    holds (under the current mesh) times the chunk are SCORE_CHUNK_ELEMENTS; a train step's logits
+    stay whole up to WHOLE_LOGITS_ELEMENTS."""
+    if cfg.loss_chunk_positions:
+        return min(cfg.loss_chunk_positions, length)
+    rows = batch // sharding.shards("act_batch", batch)
+    vocab = cfg.vocab_size // sharding.shards("act_vocab", cfg.vocab_size)
+    if train and rows * length * vocab <= WHOLE_LOGITS_ELEMENTS:
+        return length
+    return max(1, min(length, SCORE_CHUNK_ELEMENTS // (rows * vocab)))
+
+
+def embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """table[tokens] with the table split over the mesh as its axes ("vocab", "embed") say, never
+    whole on a device: each device gathers its vocabulary slice over the embed axis (as FSDP gathers
+    any weight), looks up the ids in that slice, and the slices' sums over the vocabulary axis make
+    the rows. The gradient comes back split the same way. (A plain gather from the split table made
+    XLA replicate it, and its gradient, on every device.)"""
+    vocab, embed = table.shape
+    vocab_axes = sharding.split_axes("vocab", vocab)
+    embed_axes = sharding.split_axes("embed", embed)
+    batch_axes = sharding.split_axes("act_batch", tokens.shape[0])
+    if not (vocab_axes or embed_axes) or not batch_axes:  # whole, or a batch the mesh cannot split
+        return jnp.take(table, tokens, axis=0)
+
+    def local(table: jax.Array, tokens: jax.Array) -> jax.Array:
+        if embed_axes:
+            table = jax.lax.all_gather(table, embed_axes, axis=1, tiled=True)
+        if not vocab_axes:
+            return jnp.take(table, tokens, axis=0)
+        ids = tokens - jax.lax.axis_index(vocab_axes) * table.shape[0]
+        inside = (ids >= 0) & (ids < table.shape[0])
+        rows = jnp.take(table, jnp.where(inside, ids, 0), axis=0)
+        return jax.lax.psum(jnp.where(inside[..., None], rows, 0), vocab_axes)
+
+    return jax.shard_map(local, in_specs=(P(vocab_axes, embed_axes), P(batch_axes)),
+                         out_specs=P(batch_axes))(table, tokens)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -270,16 +296,19 @@ class Attention(nn.Module):
     layer: int | None = None  # this layer's index in a cache of all layers; None: its own cache
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """mask: [batch, 1, 1, q, k] (see attention_mask), or None for plain causal attention.
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 cache: KVCache | None = None, mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """Causal self-attention, within segments when `segment_ids` [batch, length] are given;
+        with `mask` [batch, 1, 1, queries, keys] instead, exactly the keys it allows.
 
         With a cache (keys and values, [batch, kv_heads, cache_length, head_dim], with a leading
         layers axis when `layer` is set), the new keys and values are written at `positions` and
-        the queries attend over the whole cache. Unrolled layers write into the stacked cache in
-        place: slicing it per layer and stacking it again would copy it at every decoding step.
-        The cache is laid out as the attention products read it, heads before positions: laid out
-        like the projections' output, it was transposed (copied whole) in every layer and step.
+        the queries attend over the whole cache up to their own positions. Unrolled layers write
+        into the stacked cache in place: slicing it per layer and stacking it again would copy it
+        at every decoding step. The cache is laid out as the attention products read it, heads
+        before positions: laid out like the projections' output, it was transposed (copied whole)
+        in every layer and step.
         """
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -295,7 +324,13 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
         k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_kv_heads", None))
 
-        if cache is not None:
+        if cache is None and mask is not None:
+            out = attention.masked_softmax(q, k, v, mask)
+        elif cache is None:
+            rate = cfg.dropout if not self.deterministic else 0.0
+            out = attention.causal(cfg.attention, q, k, v, segment_ids, rate,
+                                   self.make_rng("dropout") if rate else None)
+        else:
             # Indexed [batch, new positions, kv_heads, head_dim], like the new keys and values.
             at = (jnp.arange(x.shape[0])[:, None], slice(None), positions)
             at = at if self.layer is None else (self.layer, *at)
@@ -307,69 +342,13 @@ class Attention(nn.Module):
             # Read as [batch, keys, kv_heads, head_dim]: XLA folds the transpose into the products.
             k, v = ((cache[name] if self.layer is None else cache[name][self.layer]).swapaxes(1, 2)
                     for name in ("key", "value"))
-        if cfg.fused_attention and cache is None:
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=None if mask is None else mask[:, :, 0], is_causal=mask is None,
-                implementation="cudnn")
-        elif mask is None and cache is None:
-            out = self._causal_attention_by_blocks(q, k, v)
-        else:
-            out = self._softmax_attention(q, k, v, mask)
+            slots = jnp.arange(k.shape[1])
+            out = attention.masked_softmax(
+                q, k, v, (slots[None, None, :] <= positions[:, :, None])[:, None, None])
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         return Dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), in_dims=2,
                      std=_residual_std(cfg), deterministic=self.deterministic,
                      name="out")(out), cache
-
-    def _causal_attention_by_blocks(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """Causal attention, queries in blocks of `query_block`, each over the keys up to its end:
-        with four blocks, three quarters of the masked triangle is skipped, and a block's
-        scores are a fraction of the whole matrix (400 MB a layer at 8x1024 on the GPT-2 shape).
-
-        Laid out heads first, a kv head's group of query heads folded into the rows: XLA:CPU runs
-        these products 1.7x faster forward and 1.15-1.25x backward than with [batch, length,
-        heads] operands (8x1024 and 16x256, measured); heads and batch stay separate axes, so that
-        their tensor and data sharding carry through without a gather.
-        """
-        batch, length, heads, head_dim = q.shape
-        kv_heads = k.shape[2]
-        groups = heads // kv_heads
-        q = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(2, 0, 3, 1, 4)
-        k, v = (x.transpose(2, 0, 1, 3) for x in (k, v))  # [kv_heads, batch, length, head_dim]
-        blocks, block = [], query_block(length)
-        for start in range(0, length, block):
-            end = min(start + block, length)
-            rows = q[:, :, :, start:end].reshape(kv_heads, batch, groups * (end - start), head_dim)
-            mask = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-            scores = jnp.einsum("kbrd,kbsd->kbrs", rows, k[:, :, :end])
-            probs = self._probs(scores, jnp.tile(mask, (groups, 1)))
-            out = jnp.einsum("kbrs,kbsd->kbrd", probs, v[:, :, :end])
-            blocks.append(out.reshape(kv_heads, batch, groups, end - start, head_dim))
-        out = jnp.concatenate(blocks, axis=3)  # [kv_heads, batch, groups, length, head_dim]
-        return out.transpose(1, 3, 0, 2, 4).reshape(batch, length, heads, head_dim)
-
-    def _probs(self, scores: jax.Array, mask: jax.Array) -> jax.Array:
-        """Attention weights from raw q.k scores: scaled, masked, softmax in float32, dropout."""
-        scores = scores.astype(jnp.float32) / self.cfg.head_dim ** 0.5
-        probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-        return nn.Dropout(self.cfg.dropout)(probs.astype(self.cfg.dtype),
-                                            deterministic=self.deterministic)
-
-    def _softmax_attention(self, q: jax.Array, k: jax.Array, v: jax.Array,
-                           mask: jax.Array | None) -> jax.Array:
-        """mask: [batch or 1, 1, 1, queries, keys]."""
-        batch, length, heads, head_dim = q.shape
-        kv_heads = k.shape[2]  # keys may be longer than the queries: a cache, a block
-        # Grouped-query attention: query heads are grouped so that each group shares one kv head.
-        # Without groups the axis is left out: XLA:CPU would copy the scores through a strided
-        # layout for a size-1 axis (a third of a forward pass at 8x1024).
-        g = "g" if heads > kv_heads else ""
-        if g:
-            q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-        else:
-            mask = mask[:, 0]  # [batch, 1, q, k]
-        probs = self._probs(jnp.einsum(f"btk{g}d,bskd->bk{g}ts", q, k), mask)
-        out = jnp.einsum(f"bk{g}ts,bskd->btk{g}d", probs, v)
-        return out.reshape(batch, length, heads, head_dim)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
@@ -405,12 +384,13 @@ class Block(nn.Module):
     layer: int | None = None  # see Attention
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 cache: KVCache | None = None, mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         drop = functools.partial(nn.Dropout(cfg.dropout), deterministic=self.deterministic)
         h, cache = Attention(cfg, self.deterministic, self.layer, name="attn")(
-            _norm(cfg, "attn_norm")(x), positions, mask, cache)
+            _norm(cfg, "attn_norm")(x), positions, segment_ids, cache, mask)
         x = x + drop(h)
         x = x + drop(Mlp(cfg, self.deterministic, name="mlp")(_norm(cfg, "mlp_norm")(x)))
         return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), cache
@@ -424,16 +404,18 @@ class Transformer(nn.Module):
                  segment_ids: jax.Array | None = None, deterministic: bool = True,
                  cache: KVCache | None = None, targets: jax.Array | None = None,
                  mask: jax.Array | None = None,
-                 scorer: Callable[[jax.Array, jax.Array], tuple] = token_losses):
+                 scorer: Callable[[jax.Array, jax.Array], tuple] = token_losses,
+                 train: bool = False):
         """tokens [batch, length] int -> logits [batch, length, vocab] float32.
 
         Decoding: with `cache` (from `init_cache`), tokens are written into it at `positions` and
         attend to every cached position up to their own; returns (logits, updated cache).
         Scoring: with `targets` [batch, length], returns token_losses' (nll, log_z), each [batch,
-        length]; the head and its loss run over chunks of positions, logits never whole.
-        `scorer(logits, targets)` replaces token_losses there (e.g. to also say whether each target
-        is the most likely token). `mask` [batch, 1, 1, queries, keys] says which keys each query
-        sees, in place of segment_ids' (e.g. continuations that share one context, lm/scoring.py).
+        length]; the head and its loss run over chunks of positions (see loss_chunk; `train`: for
+        a gradient). `scorer(logits, targets)` replaces token_losses there (e.g. to also say whether
+        each target is the most likely token). `mask` [batch, 1, 1, queries, keys] says which keys
+        each query sees, in place of causal attention within segment_ids (e.g. continuations that
+        share one context, lm/scoring.py); it runs the reference softmax.
         """
         cfg = self.cfg
         batch, length = tokens.shape
@@ -442,19 +424,9 @@ class Transformer(nn.Module):
                              f"context_length={cfg.context_length}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        # Unpacked batches need only the causal mask, which the fused kernel builds itself.
-        if mask is None and segment_ids is not None:
-            mask = attention_mask(segment_ids)
-        if cache is not None:
-            slots = jnp.arange(cache["key"].shape[3])
-            mask = (slots[None, None, :] <= positions[:, :, None])[:, None, None]
-
         table = self.param("embed", _init(cfg.init_std, ("vocab", "embed")),
                            (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
-        # Gather from a replicated copy: a gather from a vocab/fsdp-split table makes XLA fall back
-        # to a full rematerialisation, and FSDP gathers every weight for its use anyway.
-        x = jnp.take(nn.with_logical_constraint(table, (None, None)), tokens, axis=0)
-        x = x.astype(cfg.dtype)
+        x = embedding_lookup(table, tokens).astype(cfg.dtype)
         if cfg.position == "learned":
             pos_table = self.param("pos_embed", _init(cfg.init_std, ("positions", "embed")),
                                    (cfg.context_length, cfg.d_model), cfg.param_dtype)
@@ -470,13 +442,14 @@ class Transformer(nn.Module):
         if cfg.scan_layers:  # one compiled block, looped: compile time does not grow with depth
             stack = nn.scan(block, variable_axes={"params": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
-            x, cache = stack(cfg, deterministic, name="layers")(x, positions, mask, cache)
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, cache = stack(cfg, deterministic, name="layers")(x, positions, segment_ids, cache,
+                                                                mask)
         else:
             for i in range(cfg.num_layers):
                 x, cache = block(cfg, deterministic, i, name=f"layers_{i}")(
-                    x, positions, mask, cache)
+                    x, positions, segment_ids, cache, mask)
 
         x = _norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
@@ -490,16 +463,20 @@ class Transformer(nn.Module):
             return logits.astype(jnp.float32)
 
         if targets is not None:
-            return self._score(logits_of, x, targets, scorer)
+            return self._score(logits_of, x, targets, scorer,
+                               loss_chunk(cfg, batch, length, train))
         logits = logits_of(x)
         return logits if cache is None else (logits, cache)
 
     def _score(self, logits_of: Callable[[jax.Array], jax.Array], x: jax.Array,
-               targets: jax.Array, scorer: Callable[[jax.Array, jax.Array], tuple]) -> tuple:
-        """`scorer` (token_losses) over chunks of positions of at most SCORE_CHUNK_ELEMENTS logits;
-        batch rows stay whole, so that a chunk is sharded as the batch is."""
+               targets: jax.Array, scorer: Callable[[jax.Array, jax.Array], tuple],
+               chunk: int) -> tuple:
+        """`scorer` (token_losses) over chunks of `chunk` positions (batch rows stay whole, so that
+        a chunk is sharded as the batch is), each chunk's logits recomputed in the backward pass:
+        only one chunk's logits and their gradient exist at a time."""
         batch, length, _ = x.shape
-        chunk = max(1, min(length, SCORE_CHUNK_ELEMENTS // (batch * self.cfg.vocab_size)))
+        if chunk >= length:
+            return scorer(logits_of(x), targets)
         count = -(-length // chunk)
         x = jnp.pad(x, ((0, 0), (0, count * chunk - length), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, count * chunk - length)))
@@ -512,6 +489,7 @@ class Transformer(nn.Module):
             return carry, scorer(logits_of(h), t)
 
         # Lifted, not jax.lax.map: an untied head is a submodule, its kernel broadcast to each chunk.
-        scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})
+        scan = nn.scan(nn.remat(body, prevent_cse=False), variable_broadcast="params",
+                       split_rngs={"params": False})
         _, losses = scan(self, None, (split(x), split(targets)))
         return tuple(a.swapaxes(0, 1).reshape(batch, count * chunk)[:, :length] for a in losses)

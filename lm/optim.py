@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
@@ -20,6 +21,21 @@ def learning_rate_schedule(optim: ConfigDict, total_steps: int) -> optax.Schedul
     else:
         decay = optax.constant_schedule(peak)
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def at_step(opt_state: Any, step: jax.Array) -> Any:
+    """`opt_state` with its learning-rate schedule's count set to the train state's `step`.
+
+    The step is a run's one counter: an update skipped as non-finite keeps the optimizer state as
+    it was (the schedule's count too) while the step, and the data, move on; so the schedule is
+    read at the step, and the learning rate applied is the one logged for it.
+    """
+    def set_count(node):
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=jnp.asarray(step, node.count.dtype))
+        return node
+    return jax.tree.map(set_count, opt_state,
+                        is_leaf=lambda node: isinstance(node, optax.ScaleByScheduleState))
 
 
 def weight_decay_mask(params: Any, decay_embeddings: bool) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -67,6 +67,12 @@ def windows(ids: np.ndarray, length: int, stride: int) -> Iterator[dict[str, np.
             return
 
 
+@functools.lru_cache(maxsize=8)  # scoring again (a notebook, a sweep) compiles nothing new
+def _evaluator(model: Transformer, mesh: Mesh) -> Callable[[Any, step.Batch], step.Metrics]:
+    return jax.jit(functools.partial(step.eval_step, model=model),
+                   out_shardings=sharding.replicated(mesh))
+
+
 def score_documents(model: Transformer, params: Any, tokenizer: Tokenizer,
                     documents: Sequence[str], mesh: Mesh, *, batch_size: int = 8,
                     stride: int | None = None, progress: bool = True) -> Score:
@@ -77,9 +83,7 @@ def score_documents(model: Transformer, params: Any, tokenizer: Tokenizer,
         raise ValueError(f"stride={stride} must be in [1, context_length={length}]")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-batch_size // shards) * shards
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        evaluate = jax.jit(functools.partial(step.eval_step, model=model),
-                           out_shardings=sharding.replicated(mesh))
+    evaluate = _evaluator(model, mesh)
 
     encoded = [document_ids(tokenizer, d) for d in documents]
     nats, tokens = 0.0, 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 from ml_collections import ConfigDict
 
-from lm import flops, optim, sharding, step
+from lm import flops, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, validate
 from lm.metrics import console
@@ -29,6 +29,8 @@ def _tokenizer_vocab(config: ConfigDict) -> int:
         return int(kind.split(":")[1])
     if kind.endswith(".model"):
         return tokenizers.SentencePieceTokenizer.from_file(kind).vocab_size
+    if kind.endswith(".json"):  # lm's tokenizer.json or a HuggingFace one
+        return tokenizers.load(kind).vocab_size
     raise ConfigError("a character vocabulary is known only after reading the data; set "
                       "config.model.vocab_size for the preflight")
 
@@ -38,10 +40,7 @@ def preflight(config: ConfigDict, memory_budget_gib: float = 0.0) -> dict:
     mesh = sharding.make_mesh(config)
     cfg = ModelConfig.for_run(config, _tokenizer_vocab(config), mesh.shape["tensor"])
     t = config.train
-    steps = step.compile_steps(
-        Transformer(cfg), optim.make_optimizer(config.optim, t.steps),
-        optim.learning_rate_schedule(config.optim, t.steps), mesh, seed=config.seed,
-        batch_size=t.batch_size, z_loss=t.z_loss, grad_accum_steps=config.optim.grad_accum_steps)
+    steps = step.compile_run(config, Transformer(cfg), mesh)
     params = sum(x.size for x in jax.tree.leaves(steps.abstract_state.model_params()))
     memory = (steps.memory_bytes_per_device or 0) / 2 ** 30
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) / 2 ** 30

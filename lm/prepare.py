@@ -8,12 +8,11 @@ A prepared directory holds:
     tokenizer.json    the tokenizer (lm/tokenizer.py's format)
     counts.npy        [2, tokenizer vocab] int64: frequencies of the scored tokens of train and val
     train-00000.bin   raw token ids, uint16 when the vocabulary fits (<= 65536 ids) else uint32;
-                      each document is followed by the end-of-document id, and a split's shards
-                      concatenate to its token stream
-    train-00000.mask  prompt/completion and chat data only: uint8 per token, bit 0 set where the
-                      token is scored as a target (completion and end-of-document; an assistant's
-                      turn and its end), clear on prompt tokens; bit 1 set on the first token of
-                      each conversation (chat data have no end-of-document id between them)
+                      a split's shards concatenate to its token stream, which starts with the
+                      end-of-document id and has one after each document: every document comes
+                      after one, as `tokenizer.document_ids` starts a document
+    train-00000.mask  prompt/completion data only: uint8 per token, 1 where the token is scored as
+                      a target (completion and end-of-document), 0 on prompt tokens
     val-00000.bin ...
 
 meta.json's `key` (content hash of the inputs, the data config that shapes the shards, the seed of
@@ -38,13 +37,14 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-from ml_collections import ConfigDict
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
 from tqdm import tqdm
 
-from lm import chat, corpus, fs
+from lm import corpus, fs
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate_data
-from lm.data import DOCUMENT_START, SCORED, TokenStream
+from lm.data import TokenStream
 from lm.metrics import console
 
 VERSION = 1
@@ -75,14 +75,10 @@ def _tokenizer_source(spec: str) -> str:
 
 
 def _key(data: ConfigDict, seed: int) -> dict:
-    fields = {"text": ("text_field",), "prompt_completion": ("prompt_field", "completion_field"),
-              "chat": ("messages_field",)}[data.format]
-    # A chat's template: config.data.chat_template's text here; the tokenizer's own is the
-    # tokenizer's (its hash below).
-    template = {"chat_template": chat.config_hash(data)} if data.format == "chat" else {}
+    fields = ("text_field",) if data.format == "text" else ("prompt_field", "completion_field")
     return {"version": VERSION, "inputs": corpus.input_hash(data), "seed": seed,
             "format": data.format, "val_fraction": data.val_fraction,
-            **{name: data[name] for name in fields}, **template}
+            **{name: data[name] for name in fields}}
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -105,30 +101,15 @@ def _up_to_date(out: fs.Path, key: dict, source: str, tokenizer: tokenizers.Toke
     return meta["tokenizer_source"] == source
 
 
-def _encode_chats(template: chat.ChatTemplate, chats: Sequence[corpus.Chat]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Conversations one after another, as their template renders them (no end-of-document id
-    between: each one's first token is marked as a document start instead)."""
-    ids, weights = zip(*(template.encode(c) for c in chats))
-    weights = [w.copy() for w in weights]
-    for w in weights:
-        w[:1] |= DOCUMENT_START
-    return np.concatenate(ids), np.concatenate(weights)
-
-
-def _encode(tokenizer: tokenizers.Tokenizer, docs: Sequence[corpus.Document], dtype: str,
-            chat_template: str | None = None
+def _encode(tokenizer: tokenizers.Tokenizer, docs: Sequence[corpus.Document], dtype: str
             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """(ids, loss weight of each id as a target or None for plain text, counts of scored ids).
 
     Each document is followed by the end-of-document id; an example is its prompt's ids then its
-    completion's, encoded apart so that the prompt/completion boundary is a token boundary. Chats
-    are rendered by `chat_template` (lm/chat.py).
+    completion's, encoded apart so that the prompt/completion boundary is a token boundary.
     """
     eos = np.array([tokenizer.eos_id], np.int32)
-    if docs and isinstance(docs[0], corpus.Chat):
-        ids, weights = _encode_chats(chat.ChatTemplate(chat_template, tokenizer), docs)
-    elif docs and isinstance(docs[0], str):
+    if docs and isinstance(docs[0], str):
         ids = np.concatenate([p for doc in docs for p in (tokenizer.encode(doc), eos)])
         weights = None
     else:
@@ -137,8 +118,14 @@ def _encode(tokenizer: tokenizers.Tokenizer, docs: Sequence[corpus.Document], dt
         ids = np.concatenate([p for prompt, completion in parts for p in (prompt, completion, eos)])
         weights = np.concatenate([w for prompt, completion in parts for w in (
             np.zeros(len(prompt), np.uint8), np.ones(len(completion) + 1, np.uint8))])
-    scored = ids if weights is None else ids[(weights & SCORED) > 0]
+    scored = ids if weights is None else ids[weights == 1]
     return ids.astype(dtype), weights, np.bincount(scored, minlength=tokenizer.vocab_size)
+
+
+def _after_end_of_document(ids: np.ndarray, weights: np.ndarray | None, eos_id: int
+                           ) -> tuple[np.ndarray, np.ndarray | None]:
+    ids = np.concatenate([np.array([eos_id], ids.dtype), ids])
+    return ids, None if weights is None else np.concatenate([np.zeros(1, weights.dtype), weights])
 
 
 _worker_tokenizer: tokenizers.Tokenizer | None = None  # one per worker process, built once
@@ -204,8 +191,8 @@ class _ShardWriter:
 
 
 def _tokenize_splits(directory: str, splits: dict[str, list[corpus.Document]],
-                     tokenizer: tokenizers.Tokenizer, dtype: str, progress: bool,
-                     chat_template: str | None = None) -> tuple[dict, np.ndarray]:
+                     tokenizer: tokenizers.Tokenizer, dtype: str, progress: bool
+                     ) -> tuple[dict, np.ndarray]:
     """Write each split's shards into `directory`; (per-split meta, [splits, vocab] counts)."""
     tasks = {name: list(_chunks(docs)) for name, docs in splits.items()}
     # Starting workers costs a second or two: worth it from two full chunks of text on.
@@ -220,11 +207,13 @@ def _tokenize_splits(directory: str, splits: dict[str, list[corpus.Document]],
                desc="tokenize", dynamic_ncols=True, disable=None if progress else True)
     try:
         for row, (name, split_tasks) in enumerate(tasks.items()):
-            inputs = [(docs, dtype, chat_template) for docs, _ in split_tasks]
+            inputs = [(docs, dtype) for docs, _ in split_tasks]
             results = (_in_order(pool, inputs, 2 * workers) if pool else
                        (_encode(tokenizer, *task) for task in inputs))
             writer, tokens = _ShardWriter(directory, name), 0
             for (ids, weights, chunk_counts), (_, size) in zip(results, split_tasks):
+                if not tokens and tokenizer.eos_id >= 0:  # the first document comes after one too
+                    ids, weights = _after_end_of_document(ids, weights, tokenizer.eos_id)
                 writer.write(ids, weights)
                 counts[row] += chunk_counts
                 tokens += len(ids)
@@ -265,15 +254,6 @@ def _publish(local: str, out: fs.Path) -> None:
         fs.upload(os.path.join(local, name), out / name)
 
 
-def _texts(data: ConfigDict, docs: list[corpus.Document]) -> list[str]:
-    """What a tokenizer is fitted on: the documents' texts; conversations as rendered (the
-    template's own text, e.g. `<|im_start|>`, is tokenized too)."""
-    if data.format != "chat":
-        return corpus.texts(docs)
-    template = chat.ChatTemplate(chat.template_source(data))
-    return [template.render(doc.as_dicts()) for doc in docs]
-
-
 def _check_out(out: fs.Path) -> None:
     if fs.is_file(out) or (fs.listdir(out) and not is_prepared(out)):
         raise ConfigError(f"{out} exists and is not a prepared data directory; pass a new or "
@@ -298,8 +278,7 @@ def prepare(data: ConfigDict, seed: int, out: str | os.PathLike,
     train_docs, val_docs = corpus.split_documents(docs, data.val_fraction, seed)
     if tokenizer is None:
         fit_on = docs if data.tokenizer == "char" else train_docs
-        tokenizer = tokenizers.fit_tokenizer(data.tokenizer, _texts(data, fit_on))
-    template = chat.template_source(data, tokenizer) if data.format == "chat" else None
+        tokenizer = tokenizers.fit_tokenizer(data.tokenizer, corpus.texts(fit_on))
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     progress = jax.process_index() == 0  # (the first call starts JAX's backend: not timed below)
     start = time.perf_counter()
@@ -313,7 +292,7 @@ def prepare(data: ConfigDict, seed: int, out: str | os.PathLike,
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
             splits, counts = _tokenize_splits(partial, {"train": train_docs, "val": val_docs},
-                                              tokenizer, dtype, progress, template)
+                                              tokenizer, dtype, progress)
             tokenizers.save(tokenizer, os.path.join(partial, "tokenizer.json"))
             np.save(os.path.join(partial, "counts.npy"), counts)
         seconds = time.perf_counter() - start  # tokenizing and writing, not fitting the tokenizer
@@ -348,7 +327,7 @@ def load(directory: str | os.PathLike, cache_dir: str = "") -> Prepared:
         shards = [fs.token_array(directory / f, meta["dtype"], cache_dir) for f in info["shards"]]
         masks = info["masks"] and [fs.token_array(directory / f, np.uint8, cache_dir)
                                    for f in info["masks"]]
-        tokens = TokenStream(shards, masks, marks_documents=meta["format"] == "chat")
+        tokens = TokenStream(shards, masks)
         if len(tokens) != info["tokens"] or (masks and sum(map(len, masks)) != info["tokens"]):
             raise ConfigError(f"{directory}: the {split} shards hold {len(tokens)} tokens, not the "
                               f"{info['tokens']} of meta.json; delete the directory and prepare "
@@ -386,27 +365,34 @@ def prepared_data(data: ConfigDict, seed: int, workdir: str | os.PathLike,
 
 
 def main(argv: list[str]) -> None:
+    """`python -m lm.prepare`: the flags `run` defines, to `prepare`; errors as one line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _OUT.value:
+    out = flags.FLAGS.out
+    if not out:
         sys.exit("error: --out is required (the directory to write the prepared data into)")
-    config = load_config_flag(_CONFIG)
+    config = load_config_flag(flags.FLAGS["config"])
     try:
         validate_data(config.data)
-        prepare(config.data, config.seed, _OUT.value)
+        prepare(config.data, config.seed, out)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    console(f"train on it with --config.data.path={_OUT.value}")
+    console(f"train on it with --config.data.path={out}")
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The binary, from Python too: `run(["lm.prepare", "--config=...", "--out=DIR"])` (default:
+    sys.argv). Its flags are defined here, not on import: lm.train imports this module and has a
+    --config of its own."""
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "default.py"),
+        "Run config file: its `data` section and `seed` say what to prepare.", lock_config=True,
+        sys_argv=argv)  # where its --config.* overrides are
+    flags.DEFINE_string("out", None, "Directory to write the prepared data into.")
+    logging.set_verbosity(logging.WARNING)
+    app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-    from absl import app, flags, logging
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "default.py"),
-        "Run config file: its `data` section and `seed` say what to prepare.", lock_config=True)
-    _OUT = flags.DEFINE_string("out", None, "Directory to write the prepared data into.")
-    logging.set_verbosity(logging.WARNING)
-    app.run(main, flags_parser=parse_flags)
+    run()

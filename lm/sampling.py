@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import threading
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import Mesh
 
 from lm import lora, sharding
 from lm.model import Transformer, init_cache
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class SamplingOptions:
-    """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 disable those."""
+    """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 disable those.
+
+    A pytree: the compiled decoder takes these as values, so trying another temperature, top_k or
+    top_p reuses it.
+    """
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -36,35 +43,57 @@ class SamplingOptions:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 keeps every token)")
 
+    def as_arrays(self) -> SamplingOptions:
+        """The same options as float32/int32 scalars: one compiled decoder for any values."""
+        return SamplingOptions(np.float32(self.temperature), np.int32(self.top_k),
+                               np.float32(self.top_p))
 
-def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """-inf for all but the `top_k` largest logits and the smallest set whose mass reaches top_p."""
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+
+def filter_logits(logits: jax.Array, top_k: int | jax.Array = 0,
+                  top_p: float | jax.Array = 1.0) -> jax.Array:
+    """-inf for all but the `top_k` largest logits and the smallest set whose mass reaches top_p.
+
+    `top_k` and `top_p` may be traced: one descending sort of the vocabulary serves both, and
+    lax.cond skips the sort when neither filter is on and the nucleus when top_p is 1. The sort is
+    lax.top_k of the whole vocabulary: XLA:CPU lowers any lax.top_k to that sort (k=50 took the
+    same time), where jnp.sort then reversed took 1.15x as long.
+    """
+    top_k, top_p = jnp.asarray(top_k), jnp.asarray(top_p)
+
+    def nucleus(ordered: jax.Array, kth: jax.Array) -> jax.Array:
+        ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)  # within the top k
         probs = jax.nn.softmax(ordered, axis=-1)
         # A token is needed while the mass of the tokens ranked above it is still short of top_p.
         needed = jnp.cumsum(probs, axis=-1) - probs < top_p
-        threshold = jnp.min(jnp.where(needed, ordered, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
+        return jnp.maximum(kth, jnp.min(jnp.where(needed, ordered, jnp.inf), axis=-1, keepdims=True))
+
+    def filtered(logits: jax.Array) -> jax.Array:
+        ordered = jax.lax.top_k(logits, logits.shape[-1])[0]
+        k = jnp.where(top_k > 0, top_k, logits.shape[-1])
+        kth = jnp.take(ordered, k - 1, axis=-1)[..., None]  # ties with the k-th stay
+        threshold = jax.lax.cond(top_p < 1.0, nucleus, lambda _, kth: kth, ordered, kth)
+        return jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, logits)
 
 
 def choose(logits: jax.Array, key: jax.Array, options: SamplingOptions,
            valid_vocab: int) -> jax.Array:
     """Next tokens [batch] from logits [batch, vocab]; the vocabulary's padding ids never win."""
     logits = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, -jnp.inf)
-    if options.temperature == 0:
+    temperature = jnp.asarray(options.temperature, jnp.float32)
+
+    def sample(logits: jax.Array) -> jax.Array:
+        logits = filter_logits(logits / temperature, options.top_k, options.top_p)
+        # Inverse-CDF sampling: one uniform number per row, where jax.random.categorical draws
+        # Gumbel noise for every vocabulary entry (3x slower on a CPU at batch 8, 50k tokens).
+        cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+        u = (1.0 - jax.random.uniform(key, (logits.shape[0], 1))) * cdf[:, -1:]  # in (0, total]
+        # The first index whose cdf reaches u: a filtered (probability 0) token never is one.
+        return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+
+    def greedy(logits: jax.Array) -> jax.Array:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits / options.temperature, options.top_k, options.top_p)
-    # Inverse-CDF sampling: one uniform number per row, where jax.random.categorical draws Gumbel
-    # noise for every vocabulary entry (3x slower on a CPU at batch 8, 50k tokens).
-    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-    u = (1.0 - jax.random.uniform(key, (logits.shape[0], 1))) * cdf[:, -1:]  # in (0, total]
-    # The first index whose cdf reaches u: a filtered (probability 0) token never is one.
-    return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+    return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
 def decoding_model(model: Transformer) -> Transformer:
@@ -107,9 +136,40 @@ def decoding_layout(model: Transformer, params: Any) -> tuple[Transformer, Any]:
     return laid_out, jax.tree_util.tree_map_with_path(transpose, params, shapes["params"])
 
 
-def _decode(model: Transformer, options: SamplingOptions, max_new: int, valid_vocab: int,
-            eos_id: int, on_token: Callable | None, params: Any, tokens: jax.Array,
-            lengths: jax.Array, rng: jax.Array) -> jax.Array:
+class _InOrder:
+    """Passes each step's tokens to `on_token` in step order. The decoder's callbacks are
+    unordered (JAX orders effects on one device only) and may arrive in any order."""
+
+    def __init__(self, on_token: Callable[[np.ndarray], None]):
+        self.on_token, self.next, self.pending = on_token, 0, {}
+        self.lock = threading.Lock()
+
+    def __call__(self, step: int, tokens: np.ndarray) -> None:
+        with self.lock:
+            self.pending[step] = tokens
+            while self.next in self.pending:
+                self.on_token(self.pending.pop(self.next))
+                self.next += 1
+
+
+# The streamers of the decoders running now, by id: a compiled decoder calls back into the one whose
+# id it is given, so a new streamer needs no new program.
+_STREAMERS: dict[int, _InOrder] = {}
+_stream_ids = itertools.count()
+
+
+def _stream(stream_id: jax.Array, step: jax.Array, tokens: jax.Array) -> None:
+    _STREAMERS[int(stream_id)](int(step), np.asarray(tokens))
+
+
+def _send(stream_id: jax.Array, step: jax.Array, tokens: jax.Array) -> None:
+    # Replicated first: the callback reads the tokens on one device, gathered cheaply from copies.
+    jax.debug.callback(_stream, stream_id, step, nn.with_logical_constraint(tokens, (None,)))
+
+
+def _decode(model: Transformer, max_new: int, valid_vocab: int, eos_id: int, streams: bool,
+            params: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array,
+            options: SamplingOptions, stream_id: jax.Array) -> jax.Array:
     batch, prompt_length = tokens.shape
     model, params = decoding_layout(model, params)
     cache = init_cache(model.cfg, batch, prompt_length + max_new - 1)
@@ -118,8 +178,8 @@ def _decode(model: Transformer, options: SamplingOptions, max_new: int, valid_vo
     rng, key = jax.random.split(rng)
     token = choose(logits[jnp.arange(batch), lengths - 1], key, options, valid_vocab)
     out = jnp.full((batch, max_new), eos_id, jnp.int32).at[:, 0].set(token)
-    if on_token is not None:
-        jax.debug.callback(on_token, token, ordered=True)
+    if streams:
+        _send(stream_id, 0, token)
 
     def running(carry):
         i, _, _, _, done, _ = carry
@@ -131,8 +191,8 @@ def _decode(model: Transformer, options: SamplingOptions, max_new: int, valid_vo
                                     (lengths + i - 1)[:, None], cache=cache)
         rng, key = jax.random.split(rng)
         token = jnp.where(done, eos_id, choose(logits[:, 0], key, options, valid_vocab))
-        if on_token is not None:
-            jax.debug.callback(on_token, token, ordered=True)
+        if streams:
+            _send(stream_id, i, token)
         return i + 1, token, cache, out.at[:, i].set(token), done | (token == eos_id), rng
 
     carry = (jnp.int32(1), token, cache, out, token == eos_id, rng)
@@ -142,6 +202,8 @@ def _decode(model: Transformer, options: SamplingOptions, max_new: int, valid_vo
 
 @functools.lru_cache(maxsize=16)  # a notebook calling generate again should not recompile
 def _compiled_decode(*static) -> Callable:
+    """The decoder of a model, length, vocabulary, end id and whether it streams; sampling options
+    and the streamer are its arguments."""
     return jax.jit(functools.partial(_decode, *static))
 
 
@@ -175,12 +237,22 @@ def generate(model: Transformer, params: Any, prompts: Sequence[Sequence[int]],
         tokens[i, :len(p)] = p
     lengths = np.concatenate([lengths, np.ones(rows - len(prompts), np.int32)])
     eos = -1 if eos_id is None else eos_id
-    decode = _compiled_decode(model, options, max_new_tokens, valid_vocab or cfg.vocab_size, eos,
-                              on_token)
-    if mesh is None:
-        out = decode(params, tokens, lengths, jax.random.key(seed))
-    else:  # the logical constraints inside the model shard the batch and the cache
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-            out = decode(params, tokens, lengths, jax.random.key(seed))
-    out = np.asarray(jax.device_get(out))[:len(prompts)]
+    decode = functools.partial(
+        _compiled_decode(model, max_new_tokens, valid_vocab or cfg.vocab_size, eos,
+                         on_token is not None),
+        params, tokens, lengths, jax.random.key(seed), options.as_arrays())
+    stream_id = next(_stream_ids)
+    if on_token is not None:
+        _STREAMERS[stream_id] = _InOrder(on_token)
+    try:
+        if mesh is None:
+            out = decode(np.int32(stream_id))
+        else:  # the logical constraints inside the model shard the batch and the cache
+            with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+                out = decode(np.int32(stream_id))
+        out = np.asarray(jax.device_get(out))[:len(prompts)]
+    finally:
+        if on_token is not None:
+            jax.effects_barrier()  # every token streamed before the streamer goes
+            del _STREAMERS[stream_id]
     return [row[:np.argmax(row == eos)] if (row == eos).any() else row for row in out]

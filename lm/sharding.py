@@ -9,6 +9,7 @@ to the mesh axes `data`, `fsdp` and `tensor`, so changing the parallelism is a c
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -69,6 +70,23 @@ def tree_shardings(mesh: Mesh, boxed_tree: Any) -> Any:
     """Shardings for a tree of `nn.Partitioned` boxes (or shapes of them) from their axis names."""
     specs = nn.get_partition_spec(boxed_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def split_axes(logical: str, size: int) -> tuple[str, ...] | None:
+    """The axes of the current mesh (`jax.set_mesh`, read while tracing) that split a dimension of
+    `size` named `logical`: None without a mesh, where those axes all have size 1, or where they do
+    not divide `size` (the dimension then stays whole). For code that splits by hand (shard_map)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rule = dict(LOGICAL_AXIS_RULES).get(logical)
+    names = (rule,) if isinstance(rule, str) else tuple(rule or ())
+    names = tuple(n for n in names if not mesh.empty and n in mesh.axis_names and mesh.shape[n] > 1)
+    return names if names and size % math.prod(mesh.shape[n] for n in names) == 0 else None
+
+
+def shards(logical: str, size: int) -> int:
+    """How many pieces the current mesh splits a dimension of `size` named `logical` into."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[n] for n in split_axes(logical, size) or ())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

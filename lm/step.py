@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from jax.sharding import Mesh
+from ml_collections import ConfigDict
 
-from lm import lora, sharding
-from lm.model import Transformer, token_losses
+from lm import lora, optim, sharding
+from lm.model import Transformer
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -41,23 +42,19 @@ class TrainState(struct.PyTreeNode):
 
 
 def loss_sums(params: Any, model: Transformer, batch: Batch, z_loss: float,
-              dropout_rng: jax.Array | None, score_in_chunks: bool = False
+              dropout_rng: jax.Array | None, train: bool = True
               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(objective summed over positions, (summed nll, number of scored positions)).
 
     Sums rather than means, so that micro-batches add up to exactly the full batch's gradient.
-    `score_in_chunks` has the model make its logits a chunk of positions at a time: faster
-    forward (GPT-2 8x1024 perplexity 1.37x on a CPU), slower through a gradient (8x256 step ~5%).
+    The model makes its logits a chunk of positions at a time where they are large (`train`: for a
+    gradient, where whole logits stay faster up to a larger size; see lm/model.py: loss_chunk).
     """
-    inputs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                  deterministic=dropout_rng is None,
-                  rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-    if score_in_chunks:
-        nll, log_z = model.apply({"params": params}, batch["inputs"], targets=batch["targets"],
-                                 **inputs)
-    else:
-        nll, log_z = token_losses(model.apply({"params": params}, batch["inputs"], **inputs),
-                                  batch["targets"])
+    nll, log_z = model.apply(
+        {"params": params}, batch["inputs"], positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"), deterministic=dropout_rng is None,
+        targets=batch["targets"], train=train,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
     weights = batch["mask"].astype(jnp.float32)
     nll = jnp.sum(nll * weights)
     return nll + z_loss * jnp.sum(jnp.square(log_z) * weights), (nll, jnp.sum(weights))
@@ -78,7 +75,9 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
     """One optimizer update on the global batch, accumulated over `grad_accum_steps` micro-batches.
 
     `metrics["nonfinite"]` is 1 when the loss or the gradient is NaN/inf; with `skip_nonfinite` such
-    an update is dropped (the step count still advances, so the data moves on).
+    an update is dropped (the step count still advances, so the data moves on, and the learning
+    rate is always the schedule's at the step). A batch with no scored position has loss and
+    gradient 0 and counts 0 tokens.
     """
     # Only `params` are differentiated: a LoRA run computes no gradient for its frozen base.
     grad_fn = jax.value_and_grad(
@@ -96,11 +95,13 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
     micro = (jnp.arange(grad_accum_steps), _micro_batches(batch, grad_accum_steps))
     (grad_sum, nll_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
-    grads = jax.tree.map(lambda g: g / count, grad_sum)
+    scored = jnp.where(count > 0, count, 1.0)  # nothing scored: sums of 0 over 1, not 0/0
+    grads = jax.tree.map(lambda g: g / scored, grad_sum)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer.update(grads, optim.at_step(state.opt_state, state.step),
+                                          state.params)
     params = optax.apply_updates(state.params, updates)
-    loss, grad_norm = nll_sum / count, optax.tree.norm(grads)
+    loss, grad_norm = nll_sum / scored, optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
@@ -111,7 +112,7 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
 
 
 def eval_step(params: Any, batch: Batch, *, model: Transformer) -> Metrics:
-    _, (nll, count) = loss_sums(params, model, batch, 0.0, None, score_in_chunks=True)
+    _, (nll, count) = loss_sums(params, model, batch, 0.0, None, train=False)
     return {"nll": nll, "tokens": count}
 
 
@@ -214,3 +215,14 @@ def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
         memory_bytes_per_device=None if memory is None else (
             memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes))
+
+
+def compile_run(config: ConfigDict, model: Transformer, mesh: Mesh) -> CompiledSteps:
+    """The steps a run of `config` trains with: its optimizer and schedule, batch, accumulation,
+    document packing and non-finite skipping (what `lm.train` runs and `--preflight` measures)."""
+    t = config.train
+    return compile_steps(
+        model, optim.make_optimizer(config.optim, t.steps),
+        optim.learning_rate_schedule(config.optim, t.steps), mesh, seed=config.seed,
+        batch_size=t.batch_size, z_loss=t.z_loss, grad_accum_steps=config.optim.grad_accum_steps,
+        skip_nonfinite=t.skip_nonfinite, segments=config.data.segment_documents)

@@ -35,13 +35,16 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
-    def decode(self, ids: Sequence[int]) -> str: ...
+    # skip_special_tokens: leave out special tokens' text (e.g. <|endoftext|>), for display, as
+    # HuggingFace's decode does; False (the default) keeps decode(encode(text)) == text.
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
     def to_json(self) -> dict: ...
 
 
 class _EndOfDocumentOnly:
-    """Character and byte vocabularies: no beginning-of-text or padding id, and no batch
-    encoder faster than one text at a time."""
+    """Character and byte vocabularies: no beginning-of-text or padding id, no text for the
+    end-of-document id (so nothing for skip_special_tokens to leave out), and no batch encoder
+    faster than one text at a time."""
     bos_id = -1
     pad_id = -1
 
@@ -73,7 +76,7 @@ class CharTokenizer(_EndOfDocumentOnly):
             raise ConfigError(f"character {e.args[0]!r} is not in this run's character vocabulary "
                               f"(built from its training corpus); use characters it has seen") from None
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         ids = np.asarray(ids, dtype=np.int64)
         return "".join(self._lookup[ids[(ids > 0) & (ids < self.vocab_size)]])
 
@@ -90,7 +93,7 @@ class ByteTokenizer(_EndOfDocumentOnly):
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         data = bytes(int(i) for i in ids if 0 <= i < 256)
         return data.decode("utf-8", errors="replace")
 
@@ -120,8 +123,12 @@ class SentencePieceTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.asarray(ids, np.int32) for ids in self._sp.encode(list(texts))]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Control ids (bos, eos, pad) have no text; skip_special_tokens also drops unknowns."""
+        ids = [int(i) for i in ids if 0 <= i < self.vocab_size]
+        if skip_special_tokens:
+            ids = [i for i in ids if not self._sp.is_unknown(i)]
+        return self._sp.decode(ids)
 
     def to_json(self) -> dict:
         return {"type": "sentencepiece", "model": base64.b64encode(self.model_proto).decode()}
@@ -167,9 +174,10 @@ class HuggingFaceTokenizer:
     """A HuggingFace `tokenizers` tokenizer, kept as its tokenizer.json text (self-contained).
 
     Encoding adds no special tokens (documents are separated by `eos_id` in the token stream);
-    decoding keeps them, so that `decode(encode(text)) == text` for byte-level BPE. Ids that a
-    tokenizer lacks are -1. `hf_template` (set for a model imported from HuggingFace): prompts and
-    documents start as transformers' tokenizer starts them (see document_ids, prompt_ids).
+    decoding keeps them unless asked (`skip_special_tokens`, for display), so that
+    `decode(encode(text)) == text` for byte-level BPE. Ids that a tokenizer lacks are -1.
+    `hf_template` (set for a model imported from HuggingFace): prompts and documents start as
+    transformers' tokenizer starts them (see document_ids, prompt_ids).
     """
 
     def __init__(self, spec: str, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1,
@@ -264,9 +272,9 @@ class HuggingFaceTokenizer:
         return [np.asarray(e.ids, np.int32)
                 for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids if 0 <= i < self.vocab_size],
-                                skip_special_tokens=False)
+                                skip_special_tokens=skip_special_tokens)
 
     def to_json(self) -> dict:
         spec = {"type": "huggingface", "tokenizer": self.spec, "bos_id": self.bos_id,
@@ -458,7 +466,9 @@ def main(argv: list[str]) -> None:
           f"--config.data.tokenizer={out}")
 
 
-if __name__ == "__main__":
+def run(argv: list[str] | None = None) -> None:
+    """The binary, from Python too: `run(["lm.tokenizer", "--input=...", "--model_prefix=..."])`
+    (default: sys.argv); its flags are defined here, not on import."""
     from absl import app, flags
 
     flags.DEFINE_list("input", None, "Text files or globs (comma-separated).", required=True)
@@ -469,4 +479,8 @@ if __name__ == "__main__":
                        "rest fall back to bytes (lower it for large alphabets only if needed).")
     flags.DEFINE_list("user_defined_symbols", [], "Special tokens that are never split.")
     flags.DEFINE_integer("max_sentences", 5_000_000, "Lines sampled for training, at most.")
-    app.run(main)
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run()

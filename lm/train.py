@@ -24,10 +24,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import chat, checkpoint, compilation_cache, data, distributed, flops, fs, lora_base, optim
+from lm import chat, checkpoint, compilation_cache, data, distributed, flops, fs, lora_base
 from lm import prepare, sampling, sharding, step
 from lm import tokenizer as tokenizers
-from lm.config import ConfigError, default_config, load_config_flag, parse_flags, validate
+from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
 from lm.preflight import preflight
 from lm.model import ModelConfig, Transformer
@@ -77,21 +77,36 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def _check_resumable(config: ConfigDict, workdir: fs.Path) -> None:
     """Refuse a config that changes what the workdir's checkpoints mean; log harmless changes."""
-    saved = workdir / "config.json"
-    if not fs.exists(saved):
+    if not fs.exists(workdir / "config.json"):
         return
-    old, new = _flatten(json.loads(fs.read_text(saved))), _flatten(json.loads(config.to_json()))
-    # A field added to lm after the workdir was created had its default there (e.g. lora.rank 0).
-    old = {**_flatten(default_config().to_dict()), **old}
+    old = _flatten(json.loads(checkpoint.load_run_config(workdir).to_json()))
+    new = _flatten(json.loads(config.to_json()))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     frozen = [k for k in changed if k.startswith(_FROZEN)]
     if frozen:
         raise ConfigError(f"{workdir} was created with {frozen[0]}={old.get(frozen[0])!r}, not "
                           f"{new.get(frozen[0])!r} ({len(frozen)} such fields differ); use a new "
                           f"--workdir, or --config.train.init_from={workdir} to fine-tune from it")
+    _check_decay_length(old, new)
     for key in changed:
         console(f"config change since this workdir was created: {key} {old.get(key)!r} -> "
                 f"{new.get(key)!r}")
+
+
+def _check_decay_length(old: dict, new: dict) -> None:
+    """Refuse a resume whose learning-rate decay would change length mid-run only because
+    `optim.decay_steps=0` follows `train.steps`: the rest of the run would follow another schedule
+    than its first part. Setting decay_steps says which one the user wants."""
+    def length(flat: dict) -> int:
+        return flat["optim.decay_steps"] or flat["train.steps"]
+    if new["optim.schedule"] != "constant" and not new["optim.decay_steps"] \
+            and length(old) != length(new):
+        raise ConfigError(
+            f"resuming with config.train.steps={new['train.steps']} would move the end of the "
+            f"learning-rate decay from step {length(old)} to {length(new)} mid-run "
+            f"(config.optim.decay_steps=0 follows train.steps); pass "
+            f"--config.optim.decay_steps={length(old)} to keep this run's schedule, or "
+            f"={length(new)} to stretch the rest of it")
 
 
 def _check_finite(metrics, step_number: int, skip: bool) -> None:
@@ -169,12 +184,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
         tokenizers.save(prepared.tokenizer, saved_tokenizer)
 
     model = Transformer(cfg)
-    schedule = optim.learning_rate_schedule(config.optim, t.steps)
-    steps = step.compile_steps(model, optim.make_optimizer(config.optim, t.steps), schedule, mesh,
-                               seed=config.seed, batch_size=t.batch_size, z_loss=t.z_loss,
-                               grad_accum_steps=config.optim.grad_accum_steps,
-                               skip_nonfinite=t.skip_nonfinite,
-                               segments=config.data.segment_documents)
+    steps = step.compile_run(config, model, mesh)
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", t)
     state = _restore_or_init(steps, checkpointer, train_iter, t.init_from, workdir)
     start = int(state.step)
@@ -241,7 +251,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                                      [prompt[-(cfg.context_length - length):]], length,
                                      options=options, seed=config.seed, mesh=mesh, eos_id=stop,
                                      valid_vocab=prepared.tokenizer.vocab_size)
-        text = prepared.tokenizer.decode(tokens)
+        text = prepared.tokenizer.decode(tokens, skip_special_tokens=True)
         console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
     return {"train_loss": metrics.get("loss"), "val_loss": val_loss, "unigram_baseline": unigram,
             "steps": t.steps}

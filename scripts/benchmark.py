@@ -2,7 +2,7 @@
 machine's matmul and memory-read peaks: the fastest of 20).
 
     python scripts/benchmark.py                  # the CPU suite
-    python scripts/benchmark.py --suite=gpu      # GPT-2 small and the 1B LLaMA in bfloat16
+    python scripts/benchmark.py --suite=gpu      # GPT-2 small and 1B LLaMAs in bfloat16, 2k and 8k
     python scripts/benchmark.py --rows=train_shakespeare_char,matmul_f32 --output_json=bench.json
     python scripts/benchmark.py --rows=train_shakespeare_char_torch   # only the PyTorch row
     python scripts/benchmark.py --notorch        # the lm rows alone
@@ -26,7 +26,8 @@ Naming an lm row in --rows runs its pair after it; --notorch leaves out every Py
 row's `vs_torch` is its throughput over its pair's (tokens/s; above 1, lm is faster). Without torch
 or transformers installed, the PyTorch rows are skipped with a note.
 
-Slow rows cap --repeats (`Row.max_repeats`): on 2 CPU cores the whole CPU suite takes ~9 minutes.
+Slow rows cap --repeats (`Row.max_repeats`): on 2 CPU cores the whole CPU suite took ~9 minutes
+before the long-context compile rows and the 8-device eval row, which add about 4 (estimated).
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ _ROW = flags.DEFINE_string("row", "", "Internal: run this one row in this proces
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    kind: str                      # matmul | memory | train | compile | sample | perplexity,
-                                   # or torch_train | torch_sample | torch_perplexity
+    kind: str                      # matmul | memory | train | compile | sample | perplexity |
+                                   # eval, or torch_train | torch_sample | torch_perplexity
     config: str = ""               # configs/*.py for train and compile rows
     overrides: tuple = ()          # (("model.num_layers", 2), ...)
     dtype: str = "float32"         # matmul rows
@@ -71,6 +72,7 @@ class Row:
     temperature: float = 0.0       # sample rows
     gpt2: tuple = ()               # torch rows: GPT2Config fields; train rows fill n_positions
     max_repeats: int = 0           # caps --repeats for slow rows (0: no cap)
+    cpu_devices: int = 0           # the row's process simulates this many CPU devices (0: real ones)
     lora_rank: int = 0             # torch_train rows: peft LoRA adapters of this rank
 
 
@@ -133,6 +135,15 @@ CPU_ROWS = {
     "compile_gpt2_small_48l": Row("compile", "configs/gpt2_small.py", (
         ("model.dtype", "float32"), ("train.batch_size", 8), ("model.context_length", 256),
         ("model.num_layers", 48))),
+    # Long context on the XLA attention path: its graph, and so the compile time, must not grow
+    # with the length (query blocks in a loop past four), nor its memory with the square.
+    **{f"compile_gpt2_small_1x{n}k": Row("compile", "configs/gpt2_small.py", (
+        ("model.dtype", "float32"), ("train.batch_size", 1), ("model.context_length", n * 1024)))
+       for n in (2, 8, 32)},
+    # The eval step on 8 simulated devices (2 rows each): its scoring chunks are sized per device.
+    "eval_gpt2_small_16x1024_8dev": Row("eval", "configs/gpt2_small.py", _GPT2_F32 + (
+        ("train.batch_size", 16), ("mesh.data", -1), ("mesh.fsdp", 1)), cpu_devices=8,
+        max_repeats=1),
     **{f"{name}_torch": row for name, row in _TORCH_PAIRS.items()},
 }
 _GPU = (("mesh.fsdp", 1), ("mesh.data", -1))
@@ -150,6 +161,13 @@ GPU_ROWS = {
         ("train.batch_size", 16), ("model.attention_impl", "xla")), steps=5),
     "train_llama_1b_32x2048_remat_dots": Row("train", "configs/llama_1b.py", _GPU + (
         ("train.batch_size", 32),), steps=5),
+    # Long context: the same tokens a step as 16x2048, at 8k; and a LLaMA 3 shape (its 128k
+    # vocabulary's logits in chunks) at 8k.
+    "train_llama_1b_4x8192_remat_dots": Row("train", "configs/llama_1b.py", _GPU + (
+        ("train.batch_size", 4), ("model.context_length", 8192)), steps=5),
+    "train_llama_1b_8x8192_remat_dots": Row("train", "configs/llama_1b.py", _GPU + (
+        ("train.batch_size", 8), ("model.context_length", 8192)), steps=3),
+    "train_llama3_1b_8x8192": Row("train", "configs/llama3_1b.py", _GPU, steps=3),
     # A GPU samples in about a second: no repeat caps.
     **{name: dataclasses.replace(row, overrides=(("model.dtype", "bfloat16"),), max_repeats=0)
        for name, row in _SAMPLING.items()},
@@ -290,20 +308,46 @@ def perplexity_throughput(row: Row, repeats: int) -> dict:
 
 def compile_time(row: Row) -> dict:
     _, cfg, _, steps = _compiled(row)
-    return {"compile_seconds": steps.compile_seconds, "layers": cfg.num_layers}
+    return {"compile_seconds": steps.compile_seconds, "layers": cfg.num_layers,
+            "memory_estimate_gib": (steps.memory_bytes_per_device or 0) / 2 ** 30}
+
+
+def eval_throughput(row: Row, repeats: int) -> dict:
+    """The compiled eval step of a run on its mesh (perplexity's rows run one device's)."""
+    import jax
+
+    config, cfg, mesh, steps = _compiled(row)
+    rows = config.train.batch_size
+    batch = random_batch(mesh, cfg, rows)
+    params = steps.init().params
+    seconds = _median_seconds(
+        lambda: jax.block_until_ready(steps.eval(params, batch)), repeats,
+        warm_up=lambda: jax.block_until_ready([steps.eval(params, batch)
+                                               for _ in range(BACK_TO_BACK)]))
+    return {"tokens_per_sec": rows * cfg.context_length / seconds, "step_ms": seconds * 1e3,
+            "devices": len(jax.devices())}
+
+
+def random_batch(mesh, cfg, rows: int) -> dict:
+    """Random tokens [rows, context], every position scored, sharded over the mesh's batch axes."""
+    import numpy as np
+
+    from lm import sharding
+
+    length = cfg.context_length
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, length + 1), np.int32)
+    return sharding.global_batch(mesh, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                        "mask": np.ones((rows, length), np.float32)}, rows)
 
 
 def train_throughput(row: Row, repeats: int) -> dict:
     import jax
-    import numpy as np
 
-    from lm import flops, sharding
+    from lm import flops
 
     config, cfg, mesh, steps = _compiled(row)
     rows, length = config.train.batch_size, cfg.context_length
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, length + 1), np.int32)
-    batch = sharding.global_batch(mesh, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                                         "mask": np.ones((rows, length), np.float32)}, rows)
+    batch = random_batch(mesh, cfg, rows)
     state = steps.init()
     if steps.abstract_state.frozen is not None:  # LoRA: a random frozen base
         state = state.replace(frozen=jax.jit(lambda: jax.tree.map(
@@ -334,7 +378,7 @@ def train_throughput(row: Row, repeats: int) -> dict:
         "peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
         "batch": f"{rows}x{length}", "params_m": flops.matmul_params(cfg) / 1e6,
         "trained_params_m": sum(x.size for x in jax.tree.leaves(steps.abstract_state.params)) / 1e6,
-        "attention": "cudnn" if cfg.fused_attention else "xla", "device": device.device_kind,
+        "attention": cfg.attention, "device": device.device_kind,
     }
 
 
@@ -430,6 +474,7 @@ def run_row(row: Row, repeats: int) -> dict:
         return matmul_flops(row.dtype, row.size, repeats)
     runners = {"memory": memory_bandwidth, "train": train_throughput,
                "sample": sampling_throughput, "perplexity": perplexity_throughput,
+               "eval": eval_throughput,
                "torch_train": torch_train_throughput, "torch_sample": torch_sampling_throughput,
                "torch_perplexity": torch_perplexity_throughput}
     if row.kind == "compile":
@@ -458,10 +503,14 @@ def row_environment() -> dict:
     return {**allocator.environment(os.environ), "JAX_COMPILATION_CACHE_DIR": ""}
 
 
-def _in_fresh_process(name: str, repeats: int) -> dict:
+def _in_fresh_process(name: str, repeats: int, cpu_devices: int = 0) -> dict:
     cmd = [sys.executable, __file__, f"--suite={_SUITE.value}", f"--row={name}",
            f"--repeats={repeats}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=row_environment())
+    env = row_environment()
+    if cpu_devices:
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+            [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={cpu_devices}"]).strip())
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
         reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -505,14 +554,17 @@ def _table(results: dict) -> str:
             lines.append(f"{name:40s} {r['new_tokens_per_sec']:10,.1f} new tok/s"
                          f"  {r['ms_per_step']:7.1f} ms/step{floor}{layout}")
         elif "step_ms" in r and "compile_seconds" not in r:
-            lines.append(f"{name:40s} {r['tokens_per_sec']:10,.0f} tok/s  {r['step_ms']:9.1f} ms")
+            devices = f"  ({r['devices']} devices)" if r.get("devices", 1) > 1 else ""
+            lines.append(f"{name:40s} {r['tokens_per_sec']:10,.0f} tok/s  {r['step_ms']:9.1f} ms"
+                         f"{devices}")
         elif "tokens_per_sec" in r:
             mfu = "  ".join(f"{k} {r[k]:.1%}" for k in ("mfu_measured", "mfu_vendor") if r.get(k))
             lines.append(f"{name:40s} {r['tokens_per_sec']:10,.0f} tok/s  {r['step_ms']:9.1f} ms/step"
                          f"  {mfu}  compile {r['compile_seconds']:.1f}s"
                          f"  mem ~{r['memory_estimate_gib']:.1f} GiB  ({r['attention']} attention)")
         else:
-            lines.append(f"{name:40s} compile {r['compile_seconds']:.1f}s ({r['layers']} layers)")
+            lines.append(f"{name:40s} compile {r['compile_seconds']:.1f}s ({r['layers']} layers)"
+                         f"  mem ~{r['memory_estimate_gib']:.1f} GiB")
         if "vs_torch" in r:
             lines[-1] += f"  {r['vs_torch']:.2f}x PyTorch"
         if "torch_threads" in r:
@@ -532,7 +584,7 @@ def main(argv: list[str]) -> None:
     results = {}
     for name in _with_torch_pairs(_ROWS.value or list(table), table):
         repeats = min(_REPEATS.value, table[name].max_repeats or _REPEATS.value)
-        results[name] = _in_fresh_process(name, repeats)
+        results[name] = _in_fresh_process(name, repeats, table[name].cpu_devices)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     _relative_to_measured_peaks(results)
     _relative_to_torch(results)

@@ -15,10 +15,10 @@ import pytest
 from test_checkpoint import losses
 from test_train import run_train
 
-from lm import corpus, data, prepare, step
+from lm import corpus, data, perplexity, prepare, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, default_config
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, Transformer, token_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTH = 8
@@ -136,16 +136,17 @@ def test_a_rerun_reuses_the_shards_and_a_changed_input_or_tokenizer_is_tokenized
     assert shard_bytes(out)["train-00000.bin"] != before["train-00000.bin"]
 
 
-def test_shards_hold_each_document_then_the_end_of_document_id(tmp_path):
+def test_shards_hold_each_document_between_end_of_document_ids(tmp_path):
     inputs = write_docs(tmp_path / "in", count=3)
     prepare.prepare(data_config(inputs, val_fraction=0.0), 0, tmp_path / "out")
     prepared = prepare.load(tmp_path / "out")
     assert prepared.meta["dtype"] == "uint16" and prepared.meta["splits"]["train"]["documents"] == 3
     byte = tokenizers.ByteTokenizer()
-    expected = np.concatenate([np.r_[byte.encode(p.read_text()), byte.eos_id]
-                               for p in sorted(inputs.iterdir())])
+    expected = np.concatenate([[byte.eos_id]] + [np.r_[byte.encode(p.read_text()), byte.eos_id]
+                                                 for p in sorted(inputs.iterdir())])
     np.testing.assert_array_equal(prepared.train.window(0, len(prepared.train))["tokens"], expected)
-    np.testing.assert_array_equal(prepared.counts[0], np.bincount(expected, minlength=257))
+    # The first id is never a target: the counts (the unigram baseline's) are of the targets.
+    np.testing.assert_array_equal(prepared.counts[0], np.bincount(expected[1:], minlength=257))
 
 
 def test_worker_processes_write_the_same_shards_as_one_process(tmp_path, monkeypatch):
@@ -224,8 +225,9 @@ def examples(tmp_path_factory):
 
 def test_the_mask_is_zero_exactly_where_the_target_is_a_prompt_token(examples):
     char = examples.tokenizer
-    is_prompt = np.concatenate([np.r_[np.ones(len(e["prompt"])), np.zeros(len(e["completion"]) + 1)]
-                                for e in EXAMPLES])
+    is_prompt = np.concatenate([[1]] + [np.r_[np.ones(len(e["prompt"])),
+                                              np.zeros(len(e["completion"]) + 1)]
+                                        for e in EXAMPLES])
     count = (len(examples.train) - 1) // LENGTH
     (batch,) = data.eval_batches(examples.train, LENGTH, count, 1)  # every window, in order
     targets = np.arange(count)[:, None] * LENGTH + 1 + np.arange(LENGTH)
@@ -236,9 +238,9 @@ def test_the_mask_is_zero_exactly_where_the_target_is_a_prompt_token(examples):
 
 
 def test_the_loss_ignores_the_logits_of_prompt_targets_and_uses_the_completions(examples):
-    class Logits:  # a stand-in model whose parameters are its logits
-        def apply(self, variables, inputs, **_):
-            return variables["params"]
+    class Logits:  # a stand-in model whose parameters are its logits, scored as the model scores
+        def apply(self, variables, inputs, targets, **_):
+            return token_losses(variables["params"], targets)
 
     batch = next(data.train_batches(examples.train, LENGTH, 8, seed=0))
     logits = np.random.default_rng(0).normal(size=batch["inputs"].shape + (64,)).astype(np.float32)
@@ -251,35 +253,81 @@ def test_the_loss_ignores_the_logits_of_prompt_targets_and_uses_the_completions(
 
 # Document packing.
 
-def test_segment_ids_and_positions_restart_after_each_end_of_document():
+def test_segment_ids_and_positions_restart_at_each_end_of_document():
     eos = 9
-    packed = data.segments(np.array([[5, 6, eos, 7, eos, eos, 8, 8]]), eos)
-    np.testing.assert_array_equal(packed["segment_ids"], [[1, 1, 1, 2, 2, 3, 4, 4]])
-    np.testing.assert_array_equal(packed["positions"], [[0, 1, 2, 0, 1, 0, 0, 1]])
+    packed = data.segments(np.array([[5, 6, eos, 7, eos, eos, 8, 8], [eos, 1, 2, 3, 4, 5, 6, 7]]),
+                           eos)
+    np.testing.assert_array_equal(packed["segment_ids"], [[1, 1, 2, 2, 3, 4, 4, 4], [1] * 8])
+    np.testing.assert_array_equal(packed["positions"], [[0, 1, 0, 1, 0, 0, 1, 2], range(8)])
 
 
-def test_a_packed_document_has_the_logits_it_has_alone(tmp_path):
-    path = tmp_path / "docs.jsonl"
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """Short documents prepared with the byte tokenizer, and a small random model for them."""
+    path = tmp_path_factory.mktemp("packed") / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"doc {i}: " + "ab" * (i % 5)}) + "\n"
                             for i in range(40)))
-    prepare.prepare(data_config(path), 0, tmp_path / "out")
-    prepared = prepare.load(tmp_path / "out")
-    eos, length = prepared.tokenizer.eos_id, 48
+    prepare.prepare(data_config(path), 0, path.parent / "out")
+    prepared = prepare.load(path.parent / "out")
+    model_fields = default_config().model
+    model_fields.update(num_layers=2, d_model=32, num_heads=4, context_length=48)
+    model = Transformer(ModelConfig.from_config(model_fields, 384))
+    params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 48), np.int32))["params"]
+    return prepared, model, params
+
+
+def whole_documents(inputs, eos):
+    """(start, stop) of each document of a row that starts at an end-of-document id and ends
+    before the next one: [eos, text...]."""
+    ends = np.flatnonzero(inputs == eos)
+    return list(zip(ends[:-1], ends[1:]))
+
+
+def test_a_packed_document_has_the_logits_it_has_alone(packed):
+    prepared, model, params = packed
+    eos, length = prepared.tokenizer.eos_id, model.cfg.context_length
     batch = next(data.train_batches(prepared.train, length, 4, seed=0, segment_eos=eos))
     row = batch["inputs"][0]
-    ends = np.flatnonzero(row == eos)
-    start, stop = ends[0] + 1, ends[1] + 1  # a whole document inside the window
+    start, stop = whole_documents(row, eos)[0]
+    # The document's own end-of-document id before it is its position 0, as it is alone.
+    np.testing.assert_array_equal(row[start:stop], tokenizers.document_ids(
+        prepared.tokenizer, prepared.tokenizer.decode(row[start + 1:stop])))
     assert batch["positions"][0, start] == 0 and batch["positions"][0, stop - 1] == stop - 1 - start
     assert len(set(batch["segment_ids"][0, start:stop])) == 1
-    model_fields = default_config().model
-    model_fields.update(num_layers=2, d_model=32, num_heads=4, context_length=length)
-    model = Transformer(ModelConfig.from_config(model_fields, 384))
-    params = jax.jit(model.init)(jax.random.key(0), batch["inputs"][:1])["params"]
+    assert batch["segment_ids"][0, start - 1] != batch["segment_ids"][0, start]
     apply = jax.jit(model.apply)  # compiled calls, not op-by-op dispatch
-    packed = apply({"params": params}, batch["inputs"][:1], positions=batch["positions"][:1],
-                   segment_ids=batch["segment_ids"][:1])
+    packed_logits = apply({"params": params}, batch["inputs"][:1],
+                          positions=batch["positions"][:1], segment_ids=batch["segment_ids"][:1])
     alone = apply({"params": params}, row[None, start:stop])
-    np.testing.assert_allclose(packed[0, start:stop], alone[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(packed_logits[0, start:stop], alone[0], atol=1e-5, rtol=0)
+
+
+def test_packed_training_scores_each_document_as_perplexity_does(packed):
+    """The training loss of a packed run on its documents' text is their perplexity's nats: the
+    same positions and the same first-token context, in a train window and in a split's first
+    window (which starts the stream)."""
+    prepared, model, params = packed
+    tokenizer, length = prepared.tokenizer, model.cfg.context_length
+    eos = tokenizer.eos_id
+    train = next(data.train_batches(prepared.train, length, 4, seed=0, segment_eos=eos))
+    first = data.eval_batches(prepared.train, length, 4, 1, segment_eos=eos)[0]
+    # The stream starts as every document does: its first document is whole from position 0.
+    assert whole_documents(first["inputs"][0], eos)[0][0] == 0
+    rows = [(train, 0), (first, 0)]
+    loss_of = jax.jit(lambda batch: step.loss_sums(params, model, batch, 0.0, None)[1])
+    texts, nats, tokens = [], 0.0, 0
+    for batch, row in rows:
+        for start, stop in whole_documents(batch["inputs"][row], eos):
+            texts.append(tokenizer.decode(batch["inputs"][row, start + 1:stop]))
+            mask = np.zeros_like(batch["mask"])
+            mask[row, start:stop - 1] = 1.0  # the text's tokens as targets, not its end
+            nll, count = loss_of({**batch, "mask": mask})
+            nats, tokens = nats + float(nll), tokens + int(count)
+    assert len(texts) >= 4
+    mesh = sharding.make_mesh(default_config(), jax.devices()[:1])
+    score = perplexity.score_documents(model, params, tokenizer, texts, mesh, progress=False)
+    assert score.tokens == tokens
+    assert score.nats == pytest.approx(nats, rel=1e-5)
 
 
 # Bad input: one line naming the problem, and nothing written.
@@ -348,6 +396,33 @@ def test_prepare_binary_writes_shards_and_reports_bad_input_in_one_line(tmp_path
         f"error: {tmp_path}/bad.jsonl:1: no string field 'text'; fix the line or set "
         f"config.data.text_field to the field that holds the text"]
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_prepare_tokenizer_and_hf_binaries_run_from_python(tmp_path):
+    """Each binary's `run(argv)` defines its flags and runs it (as `python -m` does), so all three
+    run in one Python process, each with its own flags."""
+    inputs = write_docs(tmp_path / "in", count=3)
+    code = f"""
+from lm import hf, prepare, tokenizer
+for binary, argv in (
+        (prepare, ["lm.prepare", "--config=configs/tiny.py", "--config.data.path={inputs}",
+                   "--out={tmp_path / 'out'}"]),
+        (tokenizer, ["lm.tokenizer", "--input={inputs}/*.txt", "--vocab_size=300",
+                     "--model_prefix={tmp_path / 'spm'}"]),
+        (hf, ["lm.hf", "export", "--workdir={tmp_path / 'nowhere'}", "--hf_dir={tmp_path / 'hf'}"])):
+    try:
+        binary.run(argv)
+    except SystemExit as e:
+        print(binary.__name__, "exit", e.code)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert prepare.load(tmp_path / "out").meta["splits"]["train"]["documents"] == 3
+    assert tokenizers.SentencePieceTokenizer.from_file(tmp_path / "spm.model").vocab_size == 300
+    assert result.stdout.splitlines()[-1] == (f"lm.hf exit error: {tmp_path}/nowhere/config.json "
+                                              f"does not exist; pass a workdir that lm.train or "
+                                              f"lm.hf import wrote")
 
 
 # End to end.

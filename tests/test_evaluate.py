@@ -3,6 +3,7 @@ devices, sampling from the command line, and one-line errors for bad input."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,15 @@ import jax
 import numpy as np
 import pytest
 
+from compilations import compilations
+
 import lm
 from lm import corpus
+from lm.checkpoint import load_run_config
 from lm.config import default_config
 from lm.perplexity import windows
 from lm.tokenizer import document_ids
-from lm.train import train_and_evaluate
+from lm.train import _check_resumable, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Return the number of items.", "x = 1\n", "Raise ValueError if missing."]
@@ -95,10 +99,38 @@ def test_perplexity_is_the_same_on_one_device_and_on_an_8_device_mesh(workdir, r
     assert eight.nats == pytest.approx(one.nats, rel=1e-5)
 
 
+def test_scoring_other_texts_again_compiles_nothing(run):
+    run.perplexity(TEXTS)
+    with compilations() as compiled:
+        score = run.perplexity(["Another text entirely, longer than the context of 32 tokens."],
+                               stride=8)
+    assert compiled == [] and score.tokens > 32
+
+
 def test_load_takes_a_checkpoint_step_directory_or_a_step(workdir):
     assert lm.load(workdir).step == 10
     assert lm.load(workdir, step=5).step == 5
     assert lm.load(workdir / "checkpoints" / "5").step == 5
+
+
+def test_a_workdir_written_by_an_older_lm_loads_and_resumes_with_todays_defaults(
+        tmp_path, workdir, run):
+    """Its config.json lacks the fields added since (they take their defaults) and may hold one
+    removed since (ignored): lm.load and the train binary's resume check read it alike."""
+    saved = json.loads((workdir / "config.json").read_text())
+    for section, field in (("mesh", "dcn_data"), ("mesh", "dcn_fsdp"),
+                           ("model", "vocab_multiple"), ("model", "attention_impl")):
+        del saved[section][field]
+    saved["train"]["a_field_removed_since"] = 1
+    old = tmp_path / "old"
+    shutil.copytree(workdir / "checkpoints" / "10", old / "checkpoints" / "10")
+    shutil.copy(workdir / "tokenizer.json", old)
+    (old / "config.json").write_text(json.dumps(saved))
+    loaded = lm.load(old)
+    assert loaded.config.model.vocab_multiple == 128 and loaded.step == 10
+    ids = document_ids(run.tokenizer, TEXTS[0])
+    np.testing.assert_array_equal(loaded.logits(ids), run.logits(ids))
+    _check_resumable(load_run_config(workdir), old)  # nothing that fixes the checkpoints changed
 
 
 def evaluate(*args, timeout=300):
@@ -157,6 +189,60 @@ def test_a_too_long_prompt_is_truncated_from_the_left_when_asked(workdir):
     result = evaluate(f"--workdir={workdir}", "--mode=sample", "--prompt=" + "word " * 20,
                       "--max_new_tokens=10", "--truncate_prompt", "--temperature=0")
     assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def special_workdir(tmp_path_factory):
+    """A workdir of a random model with a byte-level BPE (HuggingFace `tokenizers`) whose head
+    always prefers the special token <|im_start|>; "€" is three tokens (no merge has its bytes)."""
+    hf_tokenizers = pytest.importorskip("tokenizers")
+    import flax.linen as nn
+    import orbax.checkpoint as ocp
+    from lm import tokenizer as tokenizers
+    from lm.model import ModelConfig, Transformer
+
+    workdir = tmp_path_factory.mktemp("special")
+    bpe = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
+    bpe.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = hf_tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(["alpha bravo charlie delta echo"] * 50, hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|endoftext|>", "<|im_start|>"],
+        initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = tokenizers.HuggingFaceTokenizer(bpe.to_str(), eos_id=0)
+    tokenizers.save(tokenizer, workdir / "tokenizer.json")
+    config = default_config()
+    config.model.update(num_layers=1, num_heads=4, d_model=32, context_length=32)
+    (workdir / "config.json").write_text(config.to_json())
+    model = Transformer(ModelConfig.for_run(config, tokenizer.vocab_size, 1))
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32), np.int32)))["params"]
+    # The final norm outputs e_0 at every position, so the logits are the embeddings' column 0.
+    params["final_norm"] = {"scale": np.zeros(32, np.float32),
+                            "bias": np.eye(32, dtype=np.float32)[0]}
+    params["embed"] = params["embed"].at[bpe.token_to_id("<|im_start|>"), 0].set(100.0)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(workdir / "checkpoints" / "0" / "params", params)
+    checkpointer.wait_until_finished()
+    return workdir
+
+
+def test_samples_leave_special_tokens_out_unless_asked(special_workdir):
+    run = lm.load(special_workdir)
+    assert run.generate("alpha", 5, temperature=0) == [""]
+    assert run.generate("alpha", 5, temperature=0, skip_special_tokens=False) == [
+        "<|im_start|>" * 5]
+
+
+def test_a_truncated_prompt_keeps_its_last_token_ids_not_a_reencoding_of_them(special_workdir,
+                                                                             tmp_path):
+    # Decoding 26 of the 60 ids of 20 "€" starts inside a character: U+FFFD, which re-encodes as
+    # three ids per cut byte, longer than the room.
+    out = tmp_path / "samples.json"
+    result = evaluate(f"--workdir={special_workdir}", "--mode=sample", "--prompt=" + "€" * 20,
+                      "--max_new_tokens=5", "--truncate_prompt", "--temperature=0",
+                      f"--output_json={out}")
+    assert result.returncode == 0, result.stderr
+    [sample] = json.loads(out.read_text())["samples"]
+    assert sample["prompt"].endswith("€" * 9) and sample["text"] == ""
 
 
 def test_a_workdir_without_checkpoints_or_an_empty_data_file_is_a_one_line_error(tmp_path, workdir):

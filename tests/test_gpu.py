@@ -33,7 +33,7 @@ def test_cudnn_attention_is_as_close_to_float32_as_bfloat16_softmax_attention(va
     errors = {}
     for impl in ("xla", "cudnn"):
         cfg = model_config(variant, d_model=128, attention_impl=impl, dtype="bfloat16")
-        assert cfg.fused_attention == (impl == "cudnn")
+        assert cfg.attention == impl
         logits, grads = _loss_and_grads(cfg, params, tokens, segments)
         grad_error = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                          for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(exact_grads)))

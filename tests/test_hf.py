@@ -33,7 +33,7 @@ from trees import assert_trees_close  # noqa: E402
 import lm  # noqa: E402
 from lm import fs, hf  # noqa: E402
 from lm import tokenizer as tokenizers  # noqa: E402
-from lm.checkpoint import Checkpointer, restore_params  # noqa: E402
+from lm.checkpoint import Checkpointer, load_run_config, restore_params  # noqa: E402
 from lm.config import ConfigError, default_config  # noqa: E402
 from lm.model import ModelConfig, Transformer, rope_frequencies  # noqa: E402
 from lm import sampling  # noqa: E402
@@ -420,7 +420,7 @@ def test_imported_workdir_fine_tunes_from_the_command_line(gpt2, data, tmp_path)
     # The fine-tuned run (saved from an 8-device mesh) exports like the import did.
     hf.export_checkpoint(tmp_path / "run", tmp_path / "exported")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
-    cfg = ModelConfig.from_config(hf.load_run_config(tmp_path / "run").model, VOCAB)
+    cfg = ModelConfig.from_config(load_run_config(tmp_path / "run").model, VOCAB)
     tuned = restore_params(tmp_path / "run", hf.param_shapes(cfg))
     np.testing.assert_allclose(hf_logits(loaded, windows[:2]), lm_logits(cfg, tuned, windows[:2]),
                                atol=1e-4)

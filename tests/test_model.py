@@ -13,6 +13,7 @@ import pytest
 
 from trees import assert_trees_close
 
+from lm import attention
 from lm import model as model_module
 from lm.config import default_config
 from lm.model import ModelConfig, Transformer
@@ -120,7 +121,7 @@ def test_causal_attention_by_query_blocks_equals_one_block(variant, monkeypatch)
     params, tokens = random_params(cfg), random_tokens((2, LENGTH))
 
     def loss_and_grads(block):  # a fresh jit per block size: the size is read while tracing
-        monkeypatch.setattr(model_module, "query_block", lambda length: block)
+        monkeypatch.setattr(attention, "query_block", lambda length: block)
         return jax.jit(jax.value_and_grad(lambda p: next_token_loss(cfg, p, tokens)))(params)
 
     blocked, whole = loss_and_grads(5), loss_and_grads(LENGTH)  # blocks of 5, the last shorter

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compilations import compilations
 from test_model import LENGTH, VARIANTS, VOCAB, logits, model_config, random_params, random_tokens
 
 from lm import sharding
@@ -114,19 +115,40 @@ def test_a_row_stops_at_the_end_of_document_token(llama):
     assert stopped[0].tolist() == free[0][:3].tolist()
 
 
-def test_generation_on_an_8_device_mesh_equals_one_device(llama):
-    model, params = llama
+def on_a_mesh(model, params):
+    """A (2, 2, 2) mesh and the parameters sharded on it."""
     config = default_config()
     config.mesh.update(data=2, fsdp=2, tensor=2)
     mesh = sharding.make_mesh(config)
     with jax.set_mesh(mesh):
         boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, LENGTH), jnp.int32))
-    shardings = sharding.tree_shardings(mesh, boxed["params"])
-    sharded = jax.device_put(params, shardings)
+    return mesh, jax.device_put(params, sharding.tree_shardings(mesh, boxed["params"]))
+
+
+def test_generation_on_an_8_device_mesh_equals_one_device(llama):
+    model, params = llama
+    mesh, sharded = on_a_mesh(model, params)
     options = SamplingOptions(temperature=0.8, top_k=20)
     single = generate(model, params, PROMPTS, 8, options=options, seed=5)
     meshed = generate(model, sharded, PROMPTS, 8, options=options, seed=5, mesh=mesh)
     assert [r.tolist() for r in meshed] == [r.tolist() for r in single]
+
+
+def test_new_sampling_options_and_streamers_reuse_the_compiled_decoder(llama):
+    """Streamed on an 8-device mesh (JAX orders callbacks on one device only): each call's streamer
+    gets its own rows, in step order."""
+    model, params = llama
+    mesh, sharded = on_a_mesh(model, params)
+    generate(model, sharded, PROMPTS, 8, options=SamplingOptions(0.8), on_token=lambda _: None,
+             mesh=mesh)
+    with compilations() as compiled:
+        for options in (SamplingOptions(0.5, top_p=0.9), SamplingOptions(1.3, top_k=20),
+                        SamplingOptions(0.7, top_k=5, top_p=0.95), SamplingOptions(0.0)):
+            streamed = []
+            rows = generate(model, sharded, PROMPTS, 8, options=options, mesh=mesh,
+                            on_token=streamed.append)
+            np.testing.assert_array_equal(np.stack(streamed, 1)[:len(PROMPTS)], rows)
+    assert compiled == []
 
 
 def test_padding_ids_beyond_the_tokenizer_vocabulary_are_never_chosen(llama):

@@ -38,7 +38,7 @@ def run_config(variant="gpt2", mesh=ONE_DEVICE, **model_overrides):
     return c
 
 
-def compile_run(config):
+def compile_run(config, skip_nonfinite=False):
     """(mesh, CompiledSteps) for a run config, on as many devices as its mesh needs."""
     devices = jax.devices()[:math.prod(config.mesh[a] for a in ("data", "fsdp", "tensor"))]
     validate(config, len(devices))
@@ -48,15 +48,16 @@ def compile_run(config):
     steps = step.compile_steps(
         model, optim.make_optimizer(config.optim, total),
         optim.learning_rate_schedule(config.optim, total), mesh, seed=config.seed,
-        batch_size=config.train.batch_size, grad_accum_steps=config.optim.grad_accum_steps)
+        batch_size=config.train.batch_size, grad_accum_steps=config.optim.grad_accum_steps,
+        skip_nonfinite=skip_nonfinite)
     return mesh, steps
 
 
 @functools.cache  # compiling is most of these tests' time: runs with the same settings share it
-def compiled(variant="gpt2", mesh=ONE_DEVICE, grad_accum_steps=1):
+def compiled(variant="gpt2", mesh=ONE_DEVICE, grad_accum_steps=1, skip_nonfinite=False):
     config = run_config(variant, mesh)
     config.optim.grad_accum_steps = grad_accum_steps
-    return compile_run(config)
+    return compile_run(config, skip_nonfinite)
 
 
 def make_batch(seed=0, lengths=(16, 3, 9, 16, 1, 12, 7, 14)):
@@ -85,6 +86,49 @@ def test_a_tiny_model_overfits_one_batch():
     assert history[-1]["loss"] < 0.3
     evaluated = jax.device_get(steps.eval(state.params, sharding.global_batch(mesh, batch, BATCH)))
     assert evaluated["nll"] / evaluated["tokens"] < 0.3
+
+
+def test_a_batch_with_every_position_masked_has_loss_and_gradient_zero_and_no_tokens():
+    mesh, steps = compiled()
+    batch = {**make_batch(), "mask": np.zeros((BATCH, LENGTH), np.float32)}
+    _, [metrics] = train(mesh, steps, batch, 1)
+    assert (metrics["loss"], metrics["grad_norm"], metrics["tokens"], metrics["nonfinite"]) == (
+        0.0, 0.0, 0.0, 0.0)
+
+
+def test_a_skipped_update_leaves_the_learning_rate_the_schedules_at_the_step():
+    """Warmup over 2 steps: the learning rate is 0 at step 0, half the peak at step 1. After a
+    skipped step 0, step 1 applies half the peak: Adam's first update moves a parameter without
+    weight decay by the learning rate wherever its gradient is far above eps."""
+    mesh, steps = compiled(skip_nonfinite=True)
+    nan = make_batch(seed=1)
+    nan["mask"][0, 0] = np.nan
+    state = steps.init()
+    before = jax.device_get(state.params)  # (the step donates the state it is given)
+    state, skipped = steps.train(state, sharding.global_batch(mesh, nan, BATCH))
+    assert skipped["nonfinite"] == 1.0 and int(state.step) == 1
+    state, metrics = steps.train(state, sharding.global_batch(mesh, make_batch(), BATCH))
+    half_peak = run_config().optim.learning_rate / 2
+    assert metrics["learning_rate"] == np.float32(half_peak)
+    moved = jax.tree.map(np.subtract, jax.device_get(state.params), before)
+    grads = jax.tree.map(lambda m: m / 0.1, jax.device_get(  # Adam's first moment: (1 - b1) * g
+        optax.tree_utils.tree_get(state.opt_state, "mu")))
+    checked = 0
+    for path, delta in jax.tree_util.tree_leaves_with_path(moved):
+        if path[-1].key == "bias":
+            grad = functools.reduce(lambda node, key: node[key.key], path, grads)
+            steep = np.abs(grad) > 1e-4
+            np.testing.assert_allclose(np.abs(delta[steep]), half_peak, rtol=1e-3)
+            checked += steep.sum()
+    assert checked > 100
+
+
+def test_float16_training_without_loss_scaling_is_refused():
+    c = valid_config()
+    c.model.dtype = "float16"
+    with pytest.raises(ConfigError, match=r"config.model.dtype='float16' would train without loss "
+                                          r"scaling.*use bfloat16"):
+        validate(c, num_devices=8)
 
 
 def test_the_cpu_train_step_runs_xlas_own_dots_not_ynnpack_fusions():
@@ -121,12 +165,73 @@ def test_evaluation_scored_in_chunks_on_a_mesh_equals_one_device_scoring_whole(m
     one_mesh, one = compiled("llama", ONE_DEVICE)
     params = one.init().params
     whole = jax.device_get(one.eval(params, sharding.global_batch(one_mesh, batch, BATCH)))
-    monkeypatch.setattr(model_module, "SCORE_CHUNK_ELEMENTS", 5 * BATCH * VOCAB)  # 4 chunks
+    # Chunks are sized per device, whose share of the logits is 2 rows by 64 vocabulary entries
+    # here: 5 positions a chunk, 4 chunks (sized from the global batch, a chunk was 1 position).
+    monkeypatch.setattr(model_module, "SCORE_CHUNK_ELEMENTS", 2 * 5 * 64)
     mesh, steps = compile_run(run_config("llama", (2, 2, 2)))
+    assert "f32[2,5,64]" in steps.eval.as_text()
     params = jax.device_put(params, steps.state_sharding.params)
     chunked = jax.device_get(steps.eval(params, sharding.global_batch(mesh, batch, BATCH)))
     assert chunked["tokens"] == whole["tokens"] == make_batch()["mask"].sum()
     assert chunked["nll"] == pytest.approx(whole["nll"], rel=1e-5)
+
+
+def loss_and_gradients(config, params, batch):
+    """The objective (z-loss included) and its gradients, compiled for the config's mesh."""
+    devices = jax.devices()[:math.prod(config.mesh[a] for a in ("data", "fsdp", "tensor"))]
+    mesh = sharding.make_mesh(config, devices)
+    model = Transformer(ModelConfig.from_config(config.model, VOCAB))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), batch["inputs"])["params"]
+    params = jax.device_put(params, sharding.tree_shardings(mesh, shapes))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        objective = jax.value_and_grad(lambda p, b: step.loss_sums(p, model, b, 1e-2, None)[0])
+        return jax.device_get(jax.jit(objective)(params, sharding.global_batch(mesh, batch, BATCH)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)  # a head of its own, and one tied to the embedding
+def test_a_chunked_training_loss_on_a_mesh_has_the_loss_and_gradients_of_whole_logits(variant):
+    from test_model import random_params  # far from initialisation: gradients of every size
+    batch = make_batch()
+    params = random_params(ModelConfig.from_config(run_config(variant).model, VOCAB))
+    whole = loss_and_gradients(run_config(variant), params, batch)  # small: whole logits
+    # 4 chunks, the last padded; the vocabulary (and so the head, or the tied table) split in two.
+    chunked = loss_and_gradients(run_config(variant, (2, 2, 2), loss_chunk_positions=5), params,
+                                 batch)
+    # Gradients up to ~20; whole logits on the same mesh differ from one device by ~2e-5 too.
+    assert_trees_close(chunked, whole, rtol=1e-5, atol=5e-5)
+
+
+def test_a_chunked_training_loss_never_holds_the_whole_logits_nor_their_gradient():
+    def temporaries(chunk, vocab=8192):
+        model = Transformer(ModelConfig.from_config(
+            run_config("llama", loss_chunk_positions=chunk).model, vocab))
+        tokens = jax.ShapeDtypeStruct((BATCH, LENGTH), np.int32)
+        params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
+        batch = {"inputs": tokens, "targets": tokens, "mask": tokens.update(dtype=np.float32)}
+        grad = jax.jit(jax.grad(lambda p, b: step.loss_sums(p, model, b, 0.0, None)[0]))
+        return grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+    logits = BATCH * LENGTH * 8192 * 4
+    # Whole, the backward pass holds the logits (or their softmax) and their gradient; in chunks,
+    # recomputed chunk by chunk, neither. (Saving each chunk's softmax for the backward pass
+    # instead would hold as much as the whole logits.)
+    assert temporaries(4) < temporaries(0) - logits
+
+
+def test_a_train_step_keeps_its_logits_whole_only_while_they_are_small():
+    def chunk(vocab, batch, length, train=True):
+        c = run_config()
+        c.model.context_length = length
+        return model_module.loss_chunk(ModelConfig.from_config(c.model, vocab), batch, length, train)
+    assert chunk(50304, 8, 256) == 256  # GPT-2's CPU benchmark step: faster whole
+    assert chunk(128256, 1, 8192) < 8192  # a LLaMA 3 vocabulary at 8k context: 4 GB a row whole
+    assert chunk(50304, 8, 256, train=False) < 256  # evaluation's forward is faster in chunks
+
+
+def test_the_embedding_table_and_its_gradient_are_never_whole_on_a_device():
+    # vocab 128 x embed 32, split over tensor and fsdp: gathered over fsdp for the lookup and the
+    # tied head, a device holds at most [64, 32] of it (replicated for the lookup, [128, 32]).
+    _, steps = compiled("gpt2", (2, 2, 2))
+    assert "f32[128,32]" not in steps.train.as_text()
 
 
 def test_parameters_and_optimizer_state_are_sharded_by_the_rules():

@@ -146,3 +146,22 @@ def test_metrics_writer_leaves_pytorch_unimported_yet_importable(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "2.0"]
     assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_resuming_with_more_steps_refuses_to_stretch_a_decay_that_follows_the_steps(tmp_path):
+    from configs import tiny
+    from lm.config import ConfigError
+    from lm.train import _check_resumable, train_and_evaluate
+
+    config = tiny.get_config()  # optim.decay_steps=0: the decay ends at train.steps
+    (tmp_path / "config.json").write_text(config.to_json())
+    config.train.steps = 40
+    with pytest.raises(ConfigError, match=r"from step 20 to 40 mid-run.*"
+                       r"--config.optim.decay_steps=20 to keep this run's schedule, or =40"):
+        train_and_evaluate(config, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    for decay_steps in (20, 40):  # the user says which schedule: either is accepted
+        config.optim.decay_steps = decay_steps
+        _check_resumable(config, tmp_path)
+    config.optim.update(decay_steps=0, schedule="constant")  # no decay to stretch
+    _check_resumable(config, tmp_path)
