@@ -1,7 +1,8 @@
 """Chat conversations as tokens: a Jinja chat template renders them, the loss falls on the assistant.
 
-`config.data.format=chat` reads jsonl lines whose `messages` field holds a conversation,
-`[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]` (lm/corpus.py).
+`config.data.format=chat` reads records (jsonl lines, parquet or arrow rows) whose `messages` field
+holds a conversation, `[{"role": "user", "content": ...}, {"role": "assistant", "content": ...},
+...]` (lm/sources.py); lm/shards.py writes each as `ChatTemplate.encode` makes it.
 The template is `config.data.chat_template` when set, else the HuggingFace tokenizer's own
 `chat_template` (its tokenizer_config.json, or chat_template.jinja), else `DEFAULT_TEMPLATE`
 (ChatML). Rendering follows transformers' `apply_chat_template`: a sandboxed Jinja environment with
@@ -44,6 +45,10 @@ class Chat:
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
+
+    def texts(self) -> tuple[str, ...]:
+        """Each message's role and content, in order."""
+        return tuple(t for message in self.messages for t in message)
 
 
 def _environment():
@@ -218,6 +223,9 @@ class ChatTemplate:
         return source
 
     def prompt_ids(self, text: str) -> np.ndarray:
-        """`text` as a user's turn, then the template's opening of the assistant's reply."""
-        return self.tokens(self.render([{"role": "user", "content": text}],
-                                       add_generation_prompt=True))
+        """`text` as a user's turn, then the template's opening of the assistant's reply, after
+        the end-of-document id that starts every conversation in prepared data (lm/shards.py)."""
+        ids = self.tokens(self.render([{"role": "user", "content": text}],
+                                      add_generation_prompt=True))
+        eos = self.tokenizer.eos_id
+        return np.concatenate([[eos] if eos >= 0 else [], ids]).astype(np.int32)

@@ -10,7 +10,6 @@ import re
 import sys
 from typing import Sequence
 
-import jax
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
@@ -61,14 +60,16 @@ def default_config() -> ConfigDict:
                                 # whole; 0: automatic (chunks where logits are large); >= context: whole
 
     c.data = d = ConfigDict()
-    d.path = "builtin:python_docs"  # .txt/.jsonl(.gz) file, directory or glob (comma-separated),
-                                    # builtin:python_docs, or a directory `python -m lm.prepare` wrote
+    d.path = "builtin:python_docs"  # text/.jsonl/.parquet/.arrow (.gz, .zst) files, directories
+                                    # or globs (comma-separated; local, gs://, s3://),
+                                    # builtin:python_docs, hf:NAME (a HuggingFace hub dataset,
+                                    # streamed), or a directory `python -m lm.prepare` wrote
     d.tokenizer = "char"            # char | byte | train:N (sentencepiece, N pieces) | a .model path
                                     # | a tokenizer .json (HuggingFace or a workdir's)
     d.val_fraction = 0.1            # held out by document; fewer than 10 texts: each one's tail
     d.format = "text"               # text | prompt_completion (jsonl examples, loss on completions)
-                                    # | chat (jsonl `messages` conversations, loss on assistant turns)
-    d.text_field = "text"           # the field of a .jsonl line that holds a document
+                                    # | chat (`messages` conversations, loss on assistant turns)
+    d.text_field = "text"           # the field (jsonl) or column (parquet, arrow) of the text
     d.prompt_field = "prompt"       # prompt_completion: the field of the prompt
     d.completion_field = "completion"  # prompt_completion: the field of the completion
     d.messages_field = "messages"   # chat: the field of a conversation's [{role, content}, ...]
@@ -77,6 +78,7 @@ def default_config() -> ConfigDict:
     d.segment_documents = False     # attention and positions restart at every document (packing),
                                     # each from the end-of-document id before it
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
+    d.prepare_workers = 0           # processes tokenizing on each host; 0: one per CPU core
     d.read_threads = 0              # grain reader threads; 0 reads in the training thread, best for
                                     # local shards (page cache); raise it for slow or network disks
     d.shard_cache_dir = "~/.cache/lm/shards"  # prepared shards in a bucket are copied here once
@@ -167,6 +169,7 @@ def resolve_attention(impl: str, dtype: str, dropout: float) -> str:
     on a TPU, cuDNN's fused attention on a GPU in 16-bit, else xla. Neither fused kernel has
     attention dropout: `auto` with dropout is xla, and naming one of them with dropout is refused."""
     if impl == "auto":
+        import jax  # here, not on import: tokenizing workers import this module and need no JAX
         backend = jax.default_backend()
         if dropout == 0 and backend == "tpu":
             return "splash"
@@ -227,6 +230,8 @@ def validate_data(data: ConfigDict) -> None:
     _check(0.0 <= data.val_fraction < 1.0,
            f"config.data.val_fraction={data.val_fraction} must be in [0, 1)")
     _check(data.read_threads >= 0, f"config.data.read_threads={data.read_threads} must be >= 0")
+    _check(data.prepare_workers >= 0,
+           f"config.data.prepare_workers={data.prepare_workers} must be >= 0 (0: one per core)")
     _check(re.match(r"[a-z][a-z0-9+.-]*://", data.shard_cache_dir) is None,
            f"config.data.shard_cache_dir={data.shard_cache_dir!r} must be a local directory (a "
            f"cache of bucket shards), or empty to read them by ranges")
@@ -272,6 +277,8 @@ def validate_lora(config: ConfigDict) -> None:
 
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError naming the field and the fix for anything that would fail later."""
+    import jax  # here, not on import: tokenizing workers import this module and need no JAX
+
     num_devices = jax.device_count() if num_devices is None else num_devices
     for path, choices in _CHOICES.items():
         _check(_get(config, path) in choices,

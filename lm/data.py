@@ -1,6 +1,7 @@
 """Prepared token shards -> shuffled, process-sharded grain batches of next-token windows.
 
-A split is a `TokenStream`: its memory-mapped shards read as one stream (lm/prepare.py writes them).
+A split is a `TokenStream`: the memory-mapped shards its manifest names (lm/prepare.py writes both),
+read as one stream.
 Only the windows a process batches are ever read, and grain's iterator state is a position in the
 sequence of windows, so a checkpoint holds a few integers and a restored run reads exactly the next
 batch.
@@ -17,13 +18,9 @@ import jax
 import numpy as np
 
 from lm.config import ConfigError
+from lm.shards import DOCUMENT_START, SCORED
 
 Batch = dict[str, np.ndarray]
-
-
-# Bits of a .mask byte: the token is scored as a target; a document starts at the token (chat data:
-# the end-of-document id before each conversation).
-SCORED, DOCUMENT_START = 1, 2
 
 
 class TokenStream:

@@ -106,7 +106,7 @@ def _missing_bucket(p: PathLike) -> str | None:
         return None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -115,7 +115,7 @@ def explain(error: BaseException, p: PathLike) -> str:
     """One line naming the path, what is wrong with it and the fix."""
     local_name = getattr(error, "filename", None)
     where = os.fspath(local_name) if local_name and not is_remote(p) else os.fspath(p)
-    reason = _first_line(error)
+    reason = first_line(error)
     if isinstance(error, FileNotFoundError):
         missing = _missing_bucket(p)
         if missing:
@@ -369,7 +369,7 @@ class RangedArray:
         return np.frombuffer(data, self.dtype)
 
 
-def _object_version(info: dict) -> str:
+def object_version(info: dict) -> str:
     """What changes whenever an object's bytes do: GCS's generation, S3's ETag, else mtime."""
     for key in ("generation", "ETag", "etag", "mtime", "LastModified"):
         if info.get(key):
@@ -380,7 +380,7 @@ def _object_version(info: dict) -> str:
 def _cached(p: str, info: dict, cache_dir: str) -> str:
     """A local copy of the object `p` in `cache_dir`, downloaded once per object version; a
     partial download never takes the final name."""
-    key = hashlib.sha256(f"{p}\0{_object_version(info)}\0{info['size']}".encode()).hexdigest()
+    key = hashlib.sha256(f"{p}\0{object_version(info)}\0{info['size']}".encode()).hexdigest()
     local = os.path.join(os.path.expanduser(cache_dir), key[:2], f"{key[:24]}-{path(p).name}")
     if os.path.exists(local) and os.path.getsize(local) == info["size"]:
         return local

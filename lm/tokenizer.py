@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
+import random
 import sys
 from typing import Iterable, Iterator, Protocol, Sequence
 
@@ -59,22 +61,33 @@ class CharTokenizer(_EndOfDocumentOnly):
         self.chars = list(chars)
         self.vocab_size = len(self.chars) + 1
         self.eos_id = 0
-        self._ids = {c: i + 1 for i, c in enumerate(self.chars)}
+        codes = np.array([ord(c) for c in self.chars], np.uint32)
+        self._order = np.argsort(codes)  # code points sorted, for a vectorised lookup
+        self._sorted = codes[self._order]
         self._lookup = np.array([""] + self.chars, dtype=object)
 
     @classmethod
     def fit(cls, texts: Iterable[str]) -> CharTokenizer:
-        chars: set[str] = set()
+        """Every character of `texts` (a stream: one text in memory at a time), found by numpy
+        over each text's code points, not a Python loop over its characters."""
+        codes = np.zeros(0, np.uint32)
         for text in texts:
-            chars.update(text)
-        return cls(sorted(chars))
+            seen = np.unique(np.frombuffer(text.encode("utf-32-le"), np.uint32))
+            if not np.isin(seen, codes, assume_unique=True).all():
+                codes = np.union1d(codes, seen)
+        return cls([chr(c) for c in codes.tolist()])
 
     def encode(self, text: str) -> np.ndarray:
-        try:
-            return np.fromiter((self._ids[c] for c in text), dtype=np.int32, count=len(text))
-        except KeyError as e:
-            raise ConfigError(f"character {e.args[0]!r} is not in this run's character vocabulary "
-                              f"(built from its training corpus); use characters it has seen") from None
+        """Ids by numpy over the text's code points (no Python loop over its characters)."""
+        codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        position = np.minimum(np.searchsorted(self._sorted, codes), max(len(self._sorted) - 1, 0))
+        unseen = np.flatnonzero(self._sorted[position] != codes) if len(self._sorted) else \
+            np.arange(len(codes))
+        if len(unseen):
+            raise ConfigError(f"character {chr(codes[unseen[0]])!r} is not in this run's character "
+                              f"vocabulary (built from its training corpus); use characters it "
+                              f"has seen")
+        return (self._order[position] + 1).astype(np.int32)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         ids = np.asarray(ids, dtype=np.int64)
@@ -373,21 +386,44 @@ def _sentences(texts: Iterable[str]) -> Iterator[str]:
                 yield line[start:start + MAX_SENTENCE_CHARS]
 
 
+def sample_lines(lines: Iterable[str], size: int, seed: int = 0) -> list[str]:
+    """A uniform sample of at most `size` of `lines` (a stream of any length), in stream order:
+    a reservoir (Li's algorithm L: random draws only where a line enters it), seeded."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    weight, next_index = 1.0, size
+    for index, line in enumerate(lines):
+        if index < size:
+            reservoir.append((index, line))
+            if index == size - 1:
+                weight = math.exp(math.log(rng.random()) / size)
+                next_index = size + int(math.log(rng.random()) / math.log1p(-weight))
+        elif index == next_index:
+            reservoir[rng.randrange(size)] = (index, line)
+            weight *= math.exp(math.log(rng.random()) / size)
+            next_index += 1 + int(math.log(rng.random()) / math.log1p(-weight))
+    return [line for _, line in sorted(reservoir)]
+
+
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "bpe",
                         character_coverage: float = 0.9995,
                         user_defined_symbols: Sequence[str] = (),
                         max_sentences: int = 5_000_000, verbose: bool = False
                         ) -> SentencePieceTokenizer:
-    """Train on `texts` (documents). Ids: 0 unk, 1 bos, 2 eos, 3 pad, then the user's symbols.
+    """Train on `texts` (documents, a stream of any length). Ids: 0 unk, 1 bos, 2 eos, 3 pad, then
+    the user's symbols.
 
-    At most `max_sentences` lines, sampled uniformly, are used, so a huge corpus fits in memory.
+    At most `max_sentences` lines, sampled uniformly from the stream by a seeded reservoir, are
+    kept, so a corpus larger than memory trains the same way; fewer lines are all used, in order.
     """
     import io
 
     model = io.BytesIO()
+    sentences = sample_lines(_sentences(texts), max_sentences)
+    spm.set_random_generator_seed(0)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
             model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
@@ -401,7 +437,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
     return SentencePieceTokenizer(model.getvalue())
 
 
-def fit_tokenizer(kind: str, texts: Sequence[str]) -> Tokenizer:
+def fit_tokenizer(kind: str, texts: Iterable[str]) -> Tokenizer:
     """`char`, `byte`, `train:N` (sentencepiece of N pieces on `texts`), a `.model` path, or a
     `.json` path: an lm tokenizer.json (a workdir's, e.g. `python -m lm.hf import`'s) or a
     HuggingFace one."""
@@ -451,7 +487,10 @@ def main(argv: list[str]) -> None:
         files = sorted(p for pattern in f.input for p in fs.expand(pattern))
         if not files:
             raise ConfigError(f"--input={','.join(f.input)} matches no files")
-        texts = (fs.read_bytes(p).decode("utf-8", errors="replace") for p in files)
+        from lm import sources
+
+        # A stream of pieces, never a whole file in memory; gzip and zstd files are decompressed.
+        texts = (piece for p in files for piece in sources.text_pieces(p, errors="replace"))
         print(f"training a {f.model_type} model of {f.vocab_size} pieces on {len(files)} files "
               f"(at most {f.max_sentences:,} lines, sampled)", flush=True)
         tokenizer = train_sentencepiece(texts, f.vocab_size, f.model_type, f.character_coverage,

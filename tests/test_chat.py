@@ -1,5 +1,6 @@
 """Chat-format data: templates render conversations as transformers does, the loss covers exactly the
-assistant's turns and their end token, conversations pack as one segment each; bad input."""
+assistant's turns and their end token, conversations pack as one segment each, from the
+end-of-document id before them; bad input."""
 
 import json
 
@@ -52,9 +53,9 @@ def test_the_default_template_scores_exactly_the_assistant_turns_and_their_end()
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(weights, want_weights)
     assert template.end_of_turn == EOS
-    prompt = template.prompt_ids("hi")
-    np.testing.assert_array_equal(prompt, expected([("<|im_start|>user\nhi", 0), (EOS, 0), (
-        "\n<|im_start|>assistant\n", 0)])[0])
+    prompt = template.prompt_ids("hi")  # after the end-of-document id, as conversations start
+    np.testing.assert_array_equal(prompt, expected([(EOS, 0), ("<|im_start|>user\nhi", 0), (
+        EOS, 0), ("\n<|im_start|>assistant\n", 0)])[0])
 
 
 @pytest.fixture(scope="module")
@@ -86,47 +87,55 @@ def test_a_huggingface_tokenizers_own_template_gives_transformers_ids(hf_folder)
     scored = np.flatnonzero(weights)
     runs = np.split(ids[scored], np.flatnonzero(np.diff(scored) > 1) + 1)
     assert [ours.decode(r) for r in runs] == ["yo<|im_end|>", "no<|im_end|>"]
+    prompt = template.prompt_ids("alpha")
+    assert prompt[0] == ours.eos_id  # the document start, then transformers' ids
     np.testing.assert_array_equal(
-        template.prompt_ids("alpha"),
-        theirs.apply_chat_template([{"role": "user", "content": "alpha"}], tokenize=True,
-                                   add_generation_prompt=True, return_dict=False))
+        prompt[1:], theirs.apply_chat_template([{"role": "user", "content": "alpha"}],
+                                               tokenize=True, add_generation_prompt=True,
+                                               return_dict=False))
     # Saved with the run's tokenizer, the template comes back with it.
     assert tokenizers.from_json(ours.to_json()).chat_template == QWEN_TEMPLATE
 
 
 def test_chat_shards_pack_each_conversation_as_one_segment_and_mask_the_rest(hf_folder, tmp_path):
     rng = np.random.default_rng(0)
-    lines = []
-    for _ in range(12):
-        turns = [{"role": r, "content": " ".join(rng.choice(["alpha", "bravo", "delta"], 2))}
-                 for r in ("user", "assistant") * 2]
-        lines.append(json.dumps({"conversation": turns}))
-    (tmp_path / "chats.jsonl").write_text("\n".join(lines))
+    conversations = [[{"role": r, "content": " ".join(rng.choice(["alpha", "bravo", "delta"], 2))}
+                      for r in ("user", "assistant") * 2] for _ in range(12)]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps({"conversation": c})
+                                                    for c in conversations))
     config = data_config(tmp_path / "chats.jsonl", tokenizer=str(hf_folder / "tokenizer.json"),
                          messages_field="conversation", val_fraction=0.0)
     prepare.prepare(config, 0, tmp_path / "prepared")
     prepared = prepare.load(tmp_path / "prepared")
     tok = prepared.tokenizer
     template = chat.ChatTemplate.for_run(config, tok)
-    docs = corpus.read_documents(config)
-    encoded = [template.encode(d) for d in docs]
-    stream = np.concatenate([ids for ids, _ in encoded])
+    encoded = [template.encode(d) for d in corpus.read_documents(config)]
+    # Every conversation comes after an end-of-document id, as every document does.
+    stream = np.concatenate([[tok.eos_id]] + [x for ids, _ in encoded for x in (ids, [tok.eos_id])])
     np.testing.assert_array_equal(np.concatenate(prepared.train.shards), stream)
     [batch] = data.eval_batches(prepared.train, len(stream) - 1, 1, 1, segment_eos=tok.eos_id)
-    np.testing.assert_array_equal(batch["mask"][0], np.concatenate([w for _, w in encoded])[1:])
-    # One segment per conversation, positions from 0 in each, though each holds five <|im_end|>
-    # (the tokenizer's end of text; the template adds a system turn): the shards mark where
-    # conversations start.
-    lengths = [len(ids) for ids, _ in encoded]
-    np.testing.assert_array_equal(batch["segment_ids"][0],
-                                  np.repeat(np.arange(1, 13), lengths)[:-1])
-    assert (stream == tok.eos_id).sum() == 5 * 12
+    np.testing.assert_array_equal(
+        batch["mask"][0], np.concatenate([x for _, w in encoded for x in (w, [0])]))
+    # One segment per conversation, from the end-of-document id before it (position 0), though
+    # each holds five <|im_end|> (the tokenizer's end of text; the template adds a system turn):
+    # the shards mark the ids that start conversations.
+    lengths = [1 + len(ids) for ids, _ in encoded]
+    assert (stream == tok.eos_id).sum() == 6 * 12 + 1
+    np.testing.assert_array_equal(batch["segment_ids"][0], np.repeat(np.arange(1, 13), lengths))
     np.testing.assert_array_equal(batch["positions"][0],
-                                  np.concatenate([np.arange(n) for n in lengths])[:-1])
+                                  np.concatenate([np.arange(n) for n in lengths]))
+    # The same conversations from a parquet file (a list of structs per row) make the same shards.
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pyarrow.table({"conversation": conversations}), tmp_path / "chats.parquet")
+    config.path = str(tmp_path / "chats.parquet")
+    prepare.prepare(config, 0, tmp_path / "from_parquet")
+    np.testing.assert_array_equal(
+        np.concatenate(prepare.load(tmp_path / "from_parquet").train.shards), stream)
     # The template is part of what the prepared shards are: another one prepares them again.
-    assert not prepare.prepare(config, 0, tmp_path / "prepared")
+    assert not prepare.prepare(config, 0, tmp_path / "from_parquet")
     config.chat_template = QWEN_TEMPLATE.replace("helpful", "brief")
-    assert prepare.prepare(config, 0, tmp_path / "prepared")
+    assert prepare.prepare(config, 0, tmp_path / "from_parquet")
 
 
 @pytest.mark.parametrize("line, message", [

@@ -113,27 +113,34 @@ def test_a_split_shorter_than_one_window_is_a_one_line_error():
 # The prepare step: shards, reuse, atomicity.
 
 def shard_bytes(directory):
-    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())}
+    """Every file of a prepared directory, by its path inside it."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def streams(directory):
+    prepared = prepare.load(directory)
+    return [s.window(0, len(s))["tokens"].tolist() for s in (prepared.train, prepared.val)]
 
 
 def test_a_rerun_reuses_the_shards_and_a_changed_input_or_tokenizer_is_tokenized_again(tmp_path):
     inputs, out = write_docs(tmp_path / "in"), tmp_path / "out"
     assert prepare.prepare(data_config(inputs), 0, out)
-    before = shard_bytes(out)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    before, tokens = shard_bytes(out), streams(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert not prepare.prepare(data_config(inputs), 0, out)
     assert not prepare.prepare(data_config(inputs), 0, out, tokenizers.ByteTokenizer())  # resume
     assert shard_bytes(out) == before
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
 
     assert prepare.prepare(data_config(inputs, tokenizer="char"), 0, out)
-    assert shard_bytes(out)["train-00000.bin"] != before["train-00000.bin"]
+    assert streams(out) != tokens
     assert prepare.prepare(data_config(inputs), 0, out)
     assert shard_bytes(out) == before  # the same inputs give byte-identical shards
 
     (inputs / "03.txt").write_text("a changed document\n")
     assert prepare.prepare(data_config(inputs), 0, out)
-    assert shard_bytes(out)["train-00000.bin"] != before["train-00000.bin"]
+    assert streams(out) != tokens
 
 
 def test_shards_hold_each_document_between_end_of_document_ids(tmp_path):
@@ -151,10 +158,9 @@ def test_shards_hold_each_document_between_end_of_document_ids(tmp_path):
 
 def test_worker_processes_write_the_same_shards_as_one_process(tmp_path, monkeypatch):
     inputs = write_docs(tmp_path / "in", count=40, words=200)
-    monkeypatch.setattr(prepare, "SHARD_TOKENS", 3000)  # several shards; documents span them
-    prepare.prepare(data_config(inputs), 0, tmp_path / "serial")
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 2000)  # many tasks: one worker per CPU core
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(prepare, "SHARD_TOKENS", 3000)  # several shards per task
+    monkeypatch.setattr(prepare, "TASK_BYTES", 8000)  # several tasks of several files
+    prepare.prepare(data_config(inputs), 0, tmp_path / "serial", workers=1)
     pools = []
 
     class RecordedPool(prepare.ProcessPoolExecutor):
@@ -163,39 +169,41 @@ def test_worker_processes_write_the_same_shards_as_one_process(tmp_path, monkeyp
             super().__init__(workers, **kwargs)
 
     monkeypatch.setattr(prepare, "ProcessPoolExecutor", RecordedPool)
-    prepare.prepare(data_config(inputs), 0, tmp_path / "parallel")
+    prepare.prepare(data_config(inputs), 0, tmp_path / "parallel", workers=2)
     assert pools == [2]
     serial = shard_bytes(tmp_path / "serial")
-    assert len([n for n in serial if n.startswith("train-")]) > 2
+    assert len([n for n in serial if "/train-" in n]) > 6
     assert shard_bytes(tmp_path / "parallel") == serial
 
 
-def test_an_interrupted_prepare_leaves_nothing_a_later_run_trusts(tmp_path, monkeypatch):
+def test_an_interrupted_prepare_leaves_the_previous_output_trusted_and_a_rerun_finishes(
+        tmp_path, monkeypatch):
     inputs, out = write_docs(tmp_path / "in"), tmp_path / "out"
     prepare.prepare(data_config(inputs), 0, out)
-    good = shard_bytes(out)
+    good, good_tokens = shard_bytes(out), streams(out)
     (inputs / "00.txt").write_text("changed\n")
-    real_write = prepare._ShardWriter.write
+    real_write = prepare.shards.ShardWriter.write
 
     def interrupted(self, ids, weights):
         real_write(self, ids[:10], None)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare._ShardWriter, "write", interrupted)
+    monkeypatch.setattr(prepare.shards.ShardWriter, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(data_config(inputs), 0, out)
-    assert shard_bytes(out) == good  # the old, complete data: stale for the new input
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+    # The old, complete data is still what meta.json names: stale for the new input, never torn.
+    named = {n for n in good if not n.endswith("plan.json") and "/done/" not in n}
+    assert {n: b for n, b in shard_bytes(out).items() if n in named} == {n: good[n] for n in named}
+    assert streams(out) == good_tokens
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(data_config(inputs), 0, tmp_path / "new")
-    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new*"))
+    assert not prepare.is_prepared(tmp_path / "new")
 
     monkeypatch.undo()
-    (tmp_path / ".new.partial").mkdir()  # what a SIGKILL leaves: started afresh, never read
-    (tmp_path / ".new.partial" / "meta.json").write_text("{}")
     assert prepare.prepare(data_config(inputs), 0, out)
     assert prepare.prepare(data_config(inputs), 0, tmp_path / "new")
-    assert shard_bytes(out) == shard_bytes(tmp_path / "new") != good
+    assert streams(out) == streams(tmp_path / "new") != good_tokens
+    assert shard_bytes(out) == shard_bytes(tmp_path / "new")  # leftovers removed
 
 
 def test_inputs_may_be_jsonl_and_gzip_of_text_or_jsonl(tmp_path):
@@ -350,8 +358,8 @@ def bad_inputs(tmp_path):
     ("broken.jsonl", {}, r"broken.jsonl:2: not JSON"),
     ("fieldless.jsonl", {}, r"fieldless.jsonl:3: no string field 'text'.*config.data.text_field"),
     ("broken.jsonl", {"text_field": "body"}, r"broken.jsonl:1: no string field 'body'"),
-    ("plain.txt", {"format": "prompt_completion"}, r"plain.txt: prompt/completion examples must "
-                                                   r"be .jsonl"),
+    ("plain.txt", {"format": "prompt_completion"}, r"plain.txt: prompt_completion records must "
+                                                   r"come from .jsonl, .parquet or .arrow files"),
     ("not.gz", {}, r"not.gz: not a readable gzip file"),
     ("builtin:nope", {}, r"unknown built-in corpus"),
 ])
@@ -386,14 +394,15 @@ def test_prepare_binary_writes_shards_and_reports_bad_input_in_one_line(tmp_path
                          f"--out={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr
     assert "MB/s" in result.stdout and f"--config.data.path={tmp_path / 'out'}" in result.stdout
-    assert prepare.load(tmp_path / "out").meta["splits"]["val"]["documents"] == 1
+    held_out = corpus.split_documents(corpus.read_documents(data_config(inputs)), 0.1, 0)[1]
+    assert prepare.load(tmp_path / "out").meta["splits"]["val"]["documents"] == len(held_out) > 0
 
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
     result = run_prepare("--config=configs/tiny.py", f"--config.data.path={tmp_path}/bad.jsonl",
                          f"--out={tmp_path / 'bad'}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {tmp_path}/bad.jsonl:1: no string field 'text'; fix the line or set "
+        f"error: {tmp_path}/bad.jsonl:1: no string field 'text'; fix the record or set "
         f"config.data.text_field to the field that holds the text"]
     assert not (tmp_path / "bad").exists()
 

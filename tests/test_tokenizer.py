@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lm import tokenizer as tokenizers
@@ -131,3 +132,20 @@ def test_every_tokenizer_has_the_special_ids_and_a_batch_encoder(sentencepiece):
         assert 0 <= tokenizer.eos_id < tokenizer.vocab_size
         batch = tokenizer.encode_batch(LINES)
         assert [b.tolist() for b in batch] == [tokenizer.encode(t).tolist() for t in LINES]
+
+
+def test_a_line_sample_is_bounded_uniform_seeded_and_in_stream_order():
+    lines = (f"line {i}" for i in range(100_000))  # a stream: never a list
+    sample = tokenizers.sample_lines(lines, 2000, seed=0)
+    positions = [int(line.split()[1]) for line in sample]
+    assert len(sample) == 2000 and positions == sorted(set(positions))
+    per_tenth = np.bincount(np.array(positions) // 10_000, minlength=10)
+    assert ((per_tenth - 200) ** 2 / 200).sum() < 27.9  # 200 in each tenth: chi-square, p=0.001
+    assert tokenizers.sample_lines((f"line {i}" for i in range(100_000)), 2000, 0) == sample
+    assert tokenizers.sample_lines(iter(["a", "b"]), 2000) == ["a", "b"]  # fewer: all, in order
+
+
+def test_the_character_vocabulary_of_a_stream_is_every_character_it_holds():
+    stream = (line * 3 for line in LINES + HARD)
+    expected = sorted(set("".join(line for line in LINES + HARD)))
+    assert tokenizers.CharTokenizer.fit(stream).chars == expected
