@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 from absl import app, flags, logging
@@ -239,22 +239,29 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
         val_loss, _ = evaluate(steps, state.model_params(), val_batches(final=True), mesh,
                                t.batch_size)
     if t.sample_length > 0:
-        stop = None
-        if config.data.format == "chat":  # the prompt as a user's turn, answered in one turn
-            template = chat.ChatTemplate.for_run(config.data, prepared.tokenizer)
-            prompt, stop = template.prompt_ids(t.sample_prompt), template.end_of_turn
-        else:
-            prompt = tokenizers.document_ids(prepared.tokenizer, t.sample_prompt)
-        length = min(t.sample_length, cfg.context_length - 1)
-        options = sampling.SamplingOptions(temperature=t.sample_temperature, top_k=t.sample_top_k)
-        [tokens] = sampling.generate(model, state.model_params(),
-                                     [prompt[-(cfg.context_length - length):]], length,
-                                     options=options, seed=config.seed, mesh=mesh, eos_id=stop,
-                                     valid_vocab=prepared.tokenizer.vocab_size)
-        text = prepared.tokenizer.decode(tokens, skip_special_tokens=True)
-        console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
+        _sample(config, model, state.model_params(), prepared.tokenizer, mesh)
     return {"train_loss": metrics.get("loss"), "val_loss": val_loss, "unigram_baseline": unigram,
             "steps": t.steps}
+
+
+def _sample(config: ConfigDict, model: Transformer, params: Any,
+            tokenizer: tokenizers.Tokenizer, mesh: jax.sharding.Mesh) -> None:
+    """The end-of-run sample after train.sample_prompt; a chat run's answers it as a user's turn,
+    up to the end of turn."""
+    t, cfg, stop = config.train, model.cfg, None
+    if config.data.format == "chat":
+        template = chat.ChatTemplate.for_run(config.data, tokenizer)
+        prompt, stop = template.prompt_ids(t.sample_prompt), template.end_of_turn
+    else:
+        prompt = tokenizers.document_ids(tokenizer, t.sample_prompt)
+    length = min(t.sample_length, cfg.context_length - 1)
+    options = sampling.SamplingOptions(temperature=t.sample_temperature, top_k=t.sample_top_k)
+    [tokens] = sampling.generate(model, params, [prompt[-(cfg.context_length - length):]], length,
+                                 options=options, seed=config.seed, mesh=mesh, eos_id=stop,
+                                 valid_vocab=tokenizer.vocab_size)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    reply = "\n" if stop is not None else ""  # a chat's reply on a line of its own
+    console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{reply}{text}")
 
 
 def main(argv: list[str]) -> None:
