@@ -84,9 +84,12 @@ def _check_resumable(config: ConfigDict, workdir: fs.Path) -> None:
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     frozen = [k for k in changed if k.startswith(_FROZEN)]
     if frozen:
+        # An adapter run's checkpoints hold adapters alone: no base to fine-tune from.
+        start_from = "" if old.get("lora.rank") else (
+            f", or --config.train.init_from={workdir} to fine-tune from it")
         raise ConfigError(f"{workdir} was created with {frozen[0]}={old.get(frozen[0])!r}, not "
                           f"{new.get(frozen[0])!r} ({len(frozen)} such fields differ); use a new "
-                          f"--workdir, or --config.train.init_from={workdir} to fine-tune from it")
+                          f"--workdir{start_from}")
     _check_decay_length(old, new)
     for key in changed:
         console(f"config change since this workdir was created: {key} {old.get(key)!r} -> "
