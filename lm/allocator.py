@@ -1,13 +1,11 @@
 """Restart a binary once with an allocator that keeps freed memory for the next step.
 
-XLA:CPU allocates a step's temporaries (1.1 GB for the 6-layer Shakespeare model, 3.6 GB for GPT-2
-at 8x256) with malloc and frees them after the step. glibc serves a buffer that large with a fresh
-mapping and unmaps it at free, so every step first-touches all of it again: page faults, zeroing and,
-with huge pages, compaction, all in the kernel. On 2 CPU cores (alternated warm processes), the
-6-layer step took 2.92 s with glibc's huge-page tunable alone (1.57 s of kernel time a step), 2.21 s
-with glibc keeping its memory and 2.03 s with jemalloc keeping it; GPT-2's 15.7, 11.3 and 10.8 s.
-XLA:CPU starts a step before the last one has released its temporaries, so a training loop keeps
-two sets, mapped once (GPT-2 at 8x256: 9.2 GB resident against 6.3).
+XLA:CPU allocates a step's temporaries (gigabytes for GPT-2 small) with malloc and frees them after
+the step. glibc serves a buffer that large with a fresh mapping and unmaps it at free, so every step
+first-touches all of it again: page faults, zeroing and, with huge pages, compaction, all in the
+kernel, a large part of a CPU step. Keeping the memory (glibc's tunables, or jemalloc, a little
+faster) removes that. XLA:CPU starts a step before the last one has released its temporaries, so a
+training loop keeps two sets, mapped once. Measurements: docs/benchmarks.md (the allocator table).
 
 With jemalloc installed (Debian/Ubuntu: libjemalloc2) it is preloaded with page decay off. Otherwise
 glibc's tunables keep the memory: no mmap, no trimming, huge pages, and one arena (a thread's own

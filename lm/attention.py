@@ -34,10 +34,9 @@ SPLASH_BLOCKS = (512, 256, 128)
 
 def query_block(length: int) -> int:
     """Queries per block on the XLA path: a quarter of the sequence, within [32, QUERY_BLOCK].
-    Smaller blocks skip more of the masked triangle but make smaller products. Against a fixed 128
-    on 2 CPU cores (medians of alternated runs): baby Shakespeare (64 tokens) 41.0 against 42.7 ms
-    a step, the 6-layer/384 model (256) 2.08-2.15 against 2.14-2.23 s, GPT-2's evaluation at 8x1024
-    16.0 against 16.2 s; GPT-2's 8x256 train step 11.10 against 10.97 s, within its noise.
+    Smaller blocks skip more of the masked triangle but make smaller products; a quarter was no
+    slower than a fixed 128 at any benchmarked shape and faster on the short ones
+    (docs/benchmarks.md).
     """
     return min(max(-(-length // UNROLLED_BLOCKS), 32), QUERY_BLOCK)
 
@@ -102,9 +101,9 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None
     over all keys and recomputed in the backward pass, holds one block's scores at a time.
 
     Laid out heads first, a kv head's group of query heads folded into the rows: XLA:CPU runs
-    these products 1.7x faster forward and 1.15-1.25x backward than with [batch, length, heads]
-    operands (8x1024 and 16x256, measured); heads and batch stay separate axes, so that their
-    tensor and data sharding carry through without a gather.
+    these products faster, forward and backward, than with [batch, length, heads] operands
+    (docs/benchmarks.md); heads and batch stay separate axes, so that their tensor and data
+    sharding carry through without a gather.
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]

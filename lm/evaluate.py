@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from lm import allocator
 
-if __name__ == "__main__":  # before the imports below, which a restart would pay twice (1.2 s)
+if __name__ == "__main__":  # before the imports below, which a restart would pay twice
     allocator.restart_with_retained_memory()
 
 import json

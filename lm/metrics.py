@@ -51,7 +51,7 @@ class _EventFiles:
 
 def import_tensorboardx():
     """tensorboardX (no TensorFlow needed), imported without PyTorch: tensorboardX imports torch
-    wherever it is installed, for tensor types lm never passes, and that import was 2.4 s of a
+    wherever it is installed, for tensor types lm never passes, and that import is seconds of a
     run's start-up."""
     block = "torch" not in sys.modules
     if block:

@@ -234,11 +234,11 @@ def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 # Logits one chunk of the head and loss makes on each device (float32: 64 MiB). Whole, GPT-2's
-# logits at 8x1024 are 1.6 GB, and XLA:CPU ran the head's product and loss over them 1.4x slower.
+# logits at 8x1024 are 1.6 GB, over which XLA:CPU ran the head's product and loss slower.
 SCORE_CHUNK_ELEMENTS = 2**24
 # A train step keeps its logits whole up to this many on each device (float32: 1 GiB): through a
-# gradient XLA:CPU runs them faster whole (a 2-layer GPT-2 at 8x256, 412 MB of logits: 19.6 s a
-# step whole, 33.2 s in chunks of 41 positions recomputed for the backward pass; alternated runs).
+# gradient XLA:CPU runs them faster whole than in chunks recomputed for the backward pass
+# (docs/benchmarks.md, long context).
 WHOLE_LOGITS_ELEMENTS = 2**28
 
 
@@ -353,8 +353,7 @@ class Attention(nn.Module):
 
 def gelu_exact(x: jax.Array) -> jax.Array:
     """x * Phi(x) as PyTorch's nn.GELU() computes it, x/2 (1 + erf(x / sqrt 2)). jax.nn.gelu's exact
-    form goes through erfc, which XLA:CPU runs at half the speed: the baby Shakespeare step (4 such
-    MLPs) took 2.2 ms less with this one (paired, alternated runs)."""
+    form goes through erfc, which XLA:CPU runs at half the speed (docs/benchmarks.md)."""
     return 0.5 * x * (1 + jax.lax.erf(x * 2**-0.5))
 
 

@@ -55,8 +55,8 @@ def filter_logits(logits: jax.Array, top_k: int | jax.Array = 0,
 
     `top_k` and `top_p` may be traced: one descending sort of the vocabulary serves both, and
     lax.cond skips the sort when neither filter is on and the nucleus when top_p is 1. The sort is
-    lax.top_k of the whole vocabulary: XLA:CPU lowers any lax.top_k to that sort (k=50 took the
-    same time), where jnp.sort then reversed took 1.15x as long.
+    lax.top_k of the whole vocabulary: XLA:CPU lowers any lax.top_k to that sort (a small k is no
+    faster), and jnp.sort then reversed was slower.
     """
     top_k, top_p = jnp.asarray(top_k), jnp.asarray(top_p)
 
@@ -85,7 +85,7 @@ def choose(logits: jax.Array, key: jax.Array, options: SamplingOptions,
     def sample(logits: jax.Array) -> jax.Array:
         logits = filter_logits(logits / temperature, options.top_k, options.top_p)
         # Inverse-CDF sampling: one uniform number per row, where jax.random.categorical draws
-        # Gumbel noise for every vocabulary entry (3x slower on a CPU at batch 8, 50k tokens).
+        # Gumbel noise for every vocabulary entry (several times slower on a CPU).
         cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
         u = (1.0 - jax.random.uniform(key, (logits.shape[0], 1))) * cdf[:, -1:]  # in (0, total]
         # The first index whose cdf reaches u: a filtered (probability 0) token never is one.
@@ -107,10 +107,10 @@ def decoding_layout(model: Transformer, params: Any) -> tuple[Transformer, Any]:
     """The same model with its weights laid out for many one-token steps: layers unrolled, since a
     scanned stack is sliced (copied) out at every step, and, on a CPU, every kernel (the tied
     output head too) stored [fan_out, fan_in]: XLA:CPU streams a matrix so laid out through a
-    product with a few rows up to 1.8x faster (the sampling rows of scripts/benchmark.py).
+    product with a few rows faster (the sampling rows of scripts/benchmark.py).
 
     Laying out a model twice changes nothing: `generate` takes either layout, so a caller that
-    samples many times lays out once (as `lm.load` does; 0.1-0.7 s for GPT-2 small on a CPU).
+    samples many times lays out once (as `lm.load` does).
     """
     laid_out = decoding_model(model)
     if model.cfg.lora_rank:  # LoRA adapters merged into their kernels: one product where two were

@@ -100,7 +100,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray], global_rows: int) -> dict[str, jax.Array]:
     """Assemble this process's rows into global arrays sharded over the batch axes of the mesh."""
     sharding = batch_sharding(mesh)
-    if jax.process_count() == 1:  # the whole batch is local: 0.2 ms against 1.6 for the below
+    if jax.process_count() == 1:  # the whole batch is local: a plain put is several times faster
         return jax.device_put(local, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
             for k, v in local.items()}

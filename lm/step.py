@@ -140,10 +140,9 @@ def _abstract_batch(mesh: Mesh, batch_size: int, length: int, segments: bool) ->
 
 # XLA:CPU hands its dots, and the elementwise work it fuses around them, to YNNPACK by default,
 # materialising broadcasts (a norm's scale, a softmax's sum) at full size as that library's inputs.
-# With its own (Eigen) dots instead, the train step of the 6-layer/384 Shakespeare model took 8-13%
-# less (two interleaved runs in one process, faster in 24 of 24 pairs), baby Shakespeare's 2% less,
-# GPT-2's at 8x256 the same within noise; it compiles 0.7-1.4 s longer. The evaluation forward
-# (GPT-2 at 8x1024) was no faster, so only the train step asks for it.
+# With its own (Eigen) dots instead, the train steps of the Shakespeare models were faster (and
+# GPT-2's no slower) in interleaved runs, for a slightly longer compile. The evaluation forward was
+# no faster, so only the train step asks for it (docs/benchmarks.md).
 CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -191,8 +190,8 @@ def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
         # out, and XLA drops its random draw.
         init_jit = jax.jit(lambda: nn.unbox(init()).replace(frozen=None),
                            out_shardings=state_sharding.replace(frozen=None))
-        # It runs once: LLVM's O1 compiles it in 60% of O2's time on a CPU, to the same values
-        # (an unrolled 4-layer model 2.45 -> 1.5 s: one threefry program per parameter).
+        # It runs once: LLVM's O1 compiles it in well under O2's time on a CPU, to the same values
+        # (one threefry program per parameter; docs/scaling.md).
         cpu = mesh.devices.flat[0].platform == "cpu"
         init_fn = init_jit.lower().compile(
             compiler_options={"xla_backend_optimization_level": 1} if cpu else None)
