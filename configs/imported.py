@@ -19,5 +19,6 @@ def get_config(workdir: str = ""):
         config = load_run_config(workdir)
     except ConfigError as e:
         sys.exit(f"error: --config=configs/imported.py:{workdir}: {e}")
-    config.train.init_from = workdir
+    if not config.lora.rank:  # a LoRA workdir keeps its base (lora_base.json)
+        config.train.init_from = workdir
     return config

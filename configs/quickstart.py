@@ -17,6 +17,9 @@ def get_config():
     config.optim.update(learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=50)
     # "The", not "The ": a BPE piece carries the space before its word, so a prompt ending in a
     # space asks for what follows a lone space in the corpus (indentation).
+    # Top-10 sampling: a model this small puts enough mass on its long tail (runs of capitals,
+    # digits) that plain temperature sampling often wanders off into it.
     config.train.update(steps=800, batch_size=16, log_every=50, eval_every=200, eval_batches=20,
-                        sample_prompt="The", sample_length=100, sample_temperature=0.7)
+                        sample_prompt="The", sample_length=100, sample_temperature=0.7,
+                        sample_top_k=10)
     return config

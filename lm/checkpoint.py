@@ -352,11 +352,9 @@ def load_run_config(workdir: fs.PathLike) -> ConfigDict:
     return over_defaults(saved)
 
 
-def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
-    """Only the parameters of a checkpoint, for fine-tuning or evaluation.
-
-    `path` is a workdir (its latest checkpoint), a `checkpoints/` directory, or one step's directory.
-    """
+def step_directory(path: str | os.PathLike) -> fs.Path:
+    """The checkpoint step directory `path` means: a workdir or `checkpoints/` directory (its latest
+    step), or a step directory itself."""
     check_directory(path)
     path = fs.absolute(path)
     if fs.is_dir(path / "checkpoints"):
@@ -367,6 +365,15 @@ def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
             raise ConfigError(f"{path}: no checkpoint found; pass a workdir with checkpoints or a "
                               f"checkpoint step directory")
         path = path / str(steps[0])
+    return path
+
+
+def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
+    """Only the parameters of a checkpoint, for fine-tuning or evaluation.
+
+    `path` is a workdir (its latest checkpoint), a `checkpoints/` directory, or one step's directory.
+    """
+    path = step_directory(path)
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # orbax warns that a manager's item has no step metadata
     try:

@@ -68,9 +68,13 @@ def default_config() -> ConfigDict:
                                     # | a tokenizer .json (HuggingFace or a workdir's)
     d.val_fraction = 0.1            # held out by document; fewer than 10 texts: each one's tail
     d.format = "text"               # text | prompt_completion (jsonl examples, loss on completions)
+                                    # | chat (`messages` conversations, loss on assistant turns)
     d.text_field = "text"           # the field (jsonl) or column (parquet, arrow) of the text
     d.prompt_field = "prompt"       # prompt_completion: the field of the prompt
     d.completion_field = "completion"  # prompt_completion: the field of the completion
+    d.messages_field = "messages"   # chat: the field of a conversation's [{role, content}, ...]
+    d.chat_template = ""            # chat: a Jinja chat template, or a .jinja file holding one;
+                                    # "": the tokenizer's own (HuggingFace), else ChatML (lm/chat.py)
     d.segment_documents = False     # attention and positions restart at every document (packing),
                                     # each from the end-of-document id before it
     d.prepared_dir = ""             # where a run prepares its data; "": <workdir>/data
@@ -80,6 +84,14 @@ def default_config() -> ConfigDict:
     d.shard_cache_dir = "~/.cache/lm/shards"  # prepared shards in a bucket are copied here once
                                     # (per object version) and memory-mapped; "": each window is a
                                     # ranged read from the bucket (nothing stored locally)
+
+    c.lora = lr = ConfigDict()
+    lr.rank = 0                 # 0: every weight trains; > 0: low-rank adapters of this rank train
+                                # on a frozen base (train.init_from), which gets no optimizer state
+    lr.alpha = 16.0             # an adapter's product is scaled by alpha/rank (PEFT's lora_alpha)
+    lr.dropout = 0.0            # on the adapters' input only (PEFT's lora_dropout)
+    lr.targets = "query,key,value,out,gate,up,down"  # projections that get adapters: attention's
+                                # query/key/value/out, the MLP's gate (swiglu)/up/down
 
     c.optim = o = ConfigDict()
     o.learning_rate = 1e-3      # peak, reached after warmup
@@ -137,7 +149,8 @@ _CHOICES = {
     "model.attention_impl": ("auto", "xla", "cudnn", "splash"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
-DATA_FORMATS = ("text", "prompt_completion")
+DATA_FORMATS = ("text", "prompt_completion", "chat")
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
 
 
 def _get(config: ConfigDict, path: str):
@@ -222,7 +235,7 @@ def validate_data(data: ConfigDict) -> None:
     _check(re.match(r"[a-z][a-z0-9+.-]*://", data.shard_cache_dir) is None,
            f"config.data.shard_cache_dir={data.shard_cache_dir!r} must be a local directory (a "
            f"cache of bucket shards), or empty to read them by ranges")
-    for name in ("text_field", "prompt_field", "completion_field"):
+    for name in ("text_field", "prompt_field", "completion_field", "messages_field"):
         _check(bool(data[name]), f"config.data.{name} is empty; name the jsonl field to read")
 
 
@@ -240,6 +253,26 @@ def validate_rope_scaling(m: ConfigDict) -> None:
                f"rope_high_freq_factor={m.rope_high_freq_factor} must satisfy 0 < low < high")
         _check(m.rope_original_context >= 1,
                f"config.model.rope_original_context={m.rope_original_context} must be >= 1")
+
+
+def validate_lora(config: ConfigDict) -> None:
+    """The checks of config.lora, and of what a LoRA run needs besides: a base to adapt."""
+    lora = config.lora
+    _check(lora.rank >= 0, f"config.lora.rank={lora.rank} must be >= 0 (0: no adapters)")
+    if not lora.rank:
+        return
+    _check(lora.alpha > 0, f"config.lora.alpha={lora.alpha} must be > 0")
+    _check(0.0 <= lora.dropout < 1.0, f"config.lora.dropout={lora.dropout} must be in [0, 1)")
+    targets = [t.strip() for t in lora.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    _check(bool(targets) and not unknown,
+           f"config.lora.targets={lora.targets!r}: "
+           f"{'unknown ' + unknown[0] if unknown else 'empty'}; name some of "
+           f"{', '.join(LORA_TARGETS)}")
+    _check(bool(config.train.init_from),
+           f"config.lora.rank={lora.rank} trains adapters on a frozen base, but "
+           f"config.train.init_from is empty; set it to the base's workdir (e.g. one `python -m "
+           f"lm.hf import` wrote)")
 
 
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:
@@ -282,6 +315,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
            f"config.model.remat_policy={m.remat_policy!r} is not 'none' or a name in "
            f"jax.checkpoint_policies (e.g. nothing_saveable, dots_saveable)")
     validate_data(config.data)
+    validate_lora(config)
     for path in ("optim.learning_rate", "optim.min_learning_rate", "optim.weight_decay",
                  "optim.grad_clip", "optim.warmup_steps", "optim.decay_steps", "train.z_loss",
                  "train.checkpoint_every_minutes", "train.keep_every", "train.sample_length",

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 
 from lm import sources
 from lm.config import ConfigError
-from lm.sources import BUILTIN, Document, Example, Part, Piece  # noqa: F401  (the public names)
+from lm.sources import BUILTIN, Chat, Document, Example, Part, Piece  # noqa: F401  (public names)
 
 TAIL_RULE_TEXTS = 10  # fewer texts than this: each one's tail is held out
 
@@ -94,8 +94,8 @@ def uses_tails(inputs: list[sources.Input], data: ConfigDict) -> bool:
 
 
 def read_documents(data: ConfigDict) -> list[Document]:
-    """The documents (texts, or (prompt, completion) examples) that `data.path` names, in memory:
-    for small corpora. A text file comes whole."""
+    """The documents (texts, (prompt, completion) examples or chats) that `data.path` names, in
+    memory: for small corpora. A text file comes whole."""
     docs: list[Document] = []
     for input in sources.inputs(data):
         if input.kind != "text":
@@ -111,7 +111,7 @@ def read_documents(data: ConfigDict) -> list[Document]:
 
 def texts(docs: list[Document]) -> list[str]:
     """Every string the documents hold: what a tokenizer is fitted on."""
-    return [t for d in docs for t in ((d,) if isinstance(d, str) else d)]
+    return [t for d in docs for t in sources.strings(d)]
 
 
 def split_documents(docs: list[Document], val_fraction: float, seed: int

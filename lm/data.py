@@ -18,16 +18,22 @@ import jax
 import numpy as np
 
 from lm.config import ConfigError
+from lm.shards import DOCUMENT_START, SCORED
 
 Batch = dict[str, np.ndarray]
 
 
 class TokenStream:
-    """A split's token ids, and for prompt/completion data each token's loss weight as a target,
-    stored in shards and read as one stream: a window may span two shards."""
+    """A split's token ids, and for prompt/completion and chat data each token's loss weight as a
+    target, stored in shards and read as one stream: a window may span two shards.
 
-    def __init__(self, shards: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None):
+    `marks_documents`: the weights also mark where each document starts (chat data, whose end of
+    turn may be the end-of-document id: only the marked ones start a conversation)."""
+
+    def __init__(self, shards: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None,
+                 marks_documents: bool = False):
         self.shards, self.weights = list(shards), None if weights is None else list(weights)
+        self.marks_documents = marks_documents
         self._starts = [0]
         for shard in self.shards:
             self._starts.append(self._starts[-1] + len(shard))
@@ -49,19 +55,24 @@ class TokenStream:
         """Positions [start, start + size): `tokens`, and `weights` when the stream has them."""
         window = {"tokens": self._read(self.shards, start, start + size)}
         if self.weights is not None:
-            window["weights"] = self._read(self.weights, start, start + size)
+            marks = self._read(self.weights, start, start + size)
+            window["weights"] = marks & SCORED
+            if self.marks_documents:
+                window["starts"] = (marks & DOCUMENT_START) > 0
         return window
 
 
-def segments(inputs: np.ndarray, eos_id: int) -> Batch:
+def segments(inputs: np.ndarray, eos_id: int, starts: np.ndarray | None = None) -> Batch:
     """Segment ids and positions of packed documents in [rows, length] inputs.
 
     A document starts at the end-of-document token before it, at position 0, as every document
     starts where it is scored or sampled alone (`tokenizer.document_ids`): its first token is
     predicted from "a document starts here" only, and its own last token predicts its end. A row
     that starts inside a document starts a segment there too (a cut, as in unpacked windows).
+    `starts` [rows, length], when given, marks the end-of-document tokens that start documents
+    (chat data, whose end of turn may be the same id).
     """
-    starts = inputs == eos_id
+    starts = inputs == eos_id if starts is None else starts.copy()
     starts[:, 0] = True
     index = np.arange(inputs.shape[1], dtype=np.int32)
     return {"segment_ids": np.cumsum(starts, axis=1, dtype=np.int32),
@@ -76,7 +87,8 @@ def _to_batch(windows: dict[str, np.ndarray], segment_eos: int | None) -> Batch:
             else np.ones(targets.shape, np.float32))
     batch = {"inputs": inputs, "targets": targets, "mask": mask}
     if segment_eos is not None:
-        batch.update(segments(inputs, segment_eos))
+        starts = windows["starts"][:, :-1] if "starts" in windows else None
+        batch.update(segments(inputs, segment_eos, starts))
     return batch
 
 

@@ -5,6 +5,7 @@
         --max_length=100 --temperature=0.7 --num_return_sequences=3 --seed=0
     python -m lm.evaluate --hf=gpt2 --mode=sample --prompt="Once upon a time" --max_length=100 \
         --temperature=0.7 --num_return_sequences=3     # a HuggingFace hub model, imported once
+    python -m lm.evaluate --workdir=runs/chat --mode=sample --chat --prompt="Hi, who are you?"
 
     python -m lm.evaluate --workdir=runs/quickstart --mode=harness \
         --tasks=hellaswag,lambada_openai --num_fewshot=0 --limit=100 [--include_path=DIR]
@@ -61,6 +62,8 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with thi
 _NUM = flags.DEFINE_integer("num_return_sequences", 1, "Samples per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Cut a sample before this string; repeatable.")
+_CHAT = flags.DEFINE_bool("chat", False, "Each prompt is a user's turn in the run's chat template "
+                          "(lm/chat.py); the reply stops at the end-of-turn token.")
 # lm-evaluation-harness
 _TASKS = flags.DEFINE_list("tasks", [], "Harness tasks, groups or tags (comma-separated).")
 _FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: each task's).")
@@ -75,7 +78,8 @@ _SKIP_SPECIAL = flags.DEFINE_bool("skip_special_tokens", True, "Leave special to
 
 def _documents(run) -> tuple[list[str], str]:
     """(texts, where they came from): --data's files, else the run's validation split. An example
-    of prompt/completion data is scored as the one text it makes."""
+    of prompt/completion data is scored as the one text it makes, a chat as its template renders
+    it."""
     from lm import corpus, prepare
     data = ConfigDict(run.config.data.to_dict())
     if _DATA.value:
@@ -86,7 +90,8 @@ def _documents(run) -> tuple[list[str], str]:
                           f"document text; pass the text to score with --data")
     held_out = corpus.split_documents(corpus.read_documents(data), data.val_fraction,
                                       run.config.seed)[1]
-    texts = ["".join(d) if isinstance(d, tuple) else d for d in held_out]
+    texts = [run.chat_template.render(d.as_dicts()) if isinstance(d, corpus.Chat) else
+             "".join(d) if isinstance(d, tuple) else d for d in held_out]
     return texts, f"the validation split of {data.path}"
 
 
@@ -120,7 +125,8 @@ def _fit(run, prompt: str) -> tuple[np.ndarray, int]:
     before them."""
     context = run.model.cfg.context_length
     # For a model imported from HuggingFace, the prompt's tokens as transformers counts them.
-    ids = (tokenizers.prompt_ids(run.tokenizer, prompt)
+    ids = (run.prompt_ids(prompt, chat=True) if _CHAT.value else
+           tokenizers.prompt_ids(run.tokenizer, prompt)
            if getattr(run.tokenizer, "hf_template", False) else run.tokenizer.encode(prompt))
     if _MAX_NEW.value is not None:
         new = _MAX_NEW.value
@@ -132,9 +138,13 @@ def _fit(run, prompt: str) -> tuple[np.ndarray, int]:
     if new >= context:
         raise ConfigError(f"{new} new tokens leave no room for a prompt in the model's context of "
                           f"{context}; ask for at most {context - 1} with --max_new_tokens")
-    whole = tokenizers.prompt_ids(run.tokenizer, prompt)  # as generate starts a text prompt
+    whole = run.prompt_ids(prompt, _CHAT.value)  # as generate starts a text prompt
     if len(whole) <= context - new:
         return whole, new
+    if _CHAT.value:
+        raise ConfigError(f"the chat prompt ({len(ids)} tokens with its template) plus {new} "
+                          f"new tokens exceeds the context of {context} tokens; shorten it or "
+                          f"ask for fewer tokens")
     if not _TRUNCATE.value:
         raise ConfigError(f"the prompt ({len(ids)} tokens) plus {new} new tokens exceeds the "
                           f"context of {context} tokens; shorten it, ask for fewer tokens, or "
@@ -162,7 +172,7 @@ def sample(run) -> dict:
     texts = run.generate(prompts, new, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                          top_p=_TOP_P.value, seed=_SEED.value, stop=_STOP.value,
                          on_text=(lambda t: print(t, end="", flush=True)) if stream else None,
-                         skip_special_tokens=_SKIP_SPECIAL.value)
+                         skip_special_tokens=_SKIP_SPECIAL.value, chat=_CHAT.value)
     if stream:
         print()
     else:

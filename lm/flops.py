@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lm import lora
 from lm.model import ModelConfig
 
 # Dense bf16 peak per chip, in FLOP/s, from the vendors' data sheets.
@@ -31,7 +32,12 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def train_flops_per_token(cfg: ModelConfig) -> float:
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.context_length * cfg.d_model
+    """With LoRA adapters, a frozen weight is used forward and for its input's gradient (4 FLOPs a
+    token) but gets no gradient of its own; the adapters count 6 like any trained weight."""
+    attention = 12.0 * cfg.num_layers * cfg.context_length * cfg.d_model
+    if cfg.lora_rank:
+        return 4.0 * matmul_params(cfg) + 6.0 * lora.adapter_parameters(cfg) + attention
+    return 6.0 * matmul_params(cfg) + attention
 
 
 def measured_matmul_flops(size: int = 2048, repeats: int = 3) -> float:

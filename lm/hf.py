@@ -2,7 +2,11 @@
 and back.
 
     python -m lm.hf import --hf_dir=PATH_OR_HUB_NAME --workdir=OUT [--dtype=float32]
-    python -m lm.hf export --workdir=DIR --hf_dir=OUT [--step=N] [--max_shard_size=5GB]
+    python -m lm.hf export --workdir=DIR --hf_dir=OUT [--step=N] [--max_shard_size=5GB] [--peft]
+    python -m lm.hf import --hf_dir=PEFT_ADAPTER --workdir=OUT --base=BASE_WORKDIR
+
+A LoRA run exports merged (its adapters added to the base's weights), or with --peft as a PEFT
+adapter folder; a PEFT adapter folder imports as a LoRA workdir of an lm base (lm/hf_peft.py).
 
 `--hf_dir` is a transformers model folder or a hub name (`gpt2`, `org/name@revision`; lm/hub.py).
 Import writes what a run writes, so everything else works unchanged: `config.json` (the full run
@@ -806,7 +810,15 @@ def export_checkpoint(workdir: str | os.PathLike, hf_dir: str | os.PathLike,
     host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host),
                             param_shapes(cfg))
-    params = _LmParams(cfg, jax.tree.map(np.asarray, checkpoint.restore_params(source, abstract)))
+    if cfg.lora_rank:  # a LoRA run: its base with the adapters merged in
+        from lm import lora, lora_base
+
+        params = lora_base.restore(workdir, config.train.init_from,
+                                   checkpoint.step_directory(source), abstract)
+        cfg, params = lora.merge(cfg, params)
+    else:
+        params = checkpoint.restore_params(source, abstract)
+    params = _LmParams(cfg, jax.tree.map(np.asarray, params))
 
     name = dtype or cfg.param_dtype
     weights = np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
@@ -824,11 +836,22 @@ def export_checkpoint(workdir: str | os.PathLike, hf_dir: str | os.PathLike,
     generation = {k: v for k, v in hf.items() if k.endswith("_token_id") and v is not None}
     if "eos_token_id" in generation:
         fs.write_text(hf_dir / "generation_config.json", json.dumps(generation, indent=2))
-    _export_tokenizer(tok, cfg, hf_dir)
+    _export_tokenizer(tok, cfg, hf_dir, chat_template(config, tok))
     return arch
 
 
-def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: fs.Path) -> None:
+def chat_template(config: ConfigDict, tok: Any) -> str | None:
+    """The chat template a run trained with, as transformers must be given it; None for a run that
+    neither trained on chats nor has a tokenizer with a template."""
+    from lm.chat import ChatTemplate, template_source
+
+    if tok is None or (config.data.format != "chat" and not getattr(tok, "chat_template", None)):
+        return None
+    return ChatTemplate(template_source(config.data, tok), tok).for_transformers()
+
+
+def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: fs.Path,
+                      template: str | None = None) -> None:
     if isinstance(tok, tokenizers.HuggingFaceTokenizer):
         fs.write_text(hf_dir / "tokenizer.json", tok.spec)
         tokens = {f"{key}_token": tok.id_to_token(getattr(tok, f"{key}_id"))
@@ -849,6 +872,8 @@ def _export_tokenizer(tok: Any, cfg: ModelConfig, hf_dir: fs.Path) -> None:
                   "model_max_length": cfg.context_length}
     else:
         return
+    if template:
+        config["chat_template"] = template
     fs.write_text(hf_dir / "tokenizer_config.json", json.dumps(config, indent=2))
 
 
@@ -863,8 +888,8 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if len(argv) != 2 or argv[1] not in ("import", "export"):
         sys.exit("error: usage: python -m lm.hf import --hf_dir=PATH_OR_HUB_NAME --workdir=OUT "
-                 "[--dtype=D] | python -m lm.hf export --workdir=DIR --hf_dir=OUT [--step=N] "
-                 "[--dtype=D] [--max_shard_size=5GB]")
+                 "[--dtype=D] [--base=WORKDIR] | python -m lm.hf export --workdir=DIR "
+                 "--hf_dir=OUT [--step=N] [--dtype=D] [--max_shard_size=5GB] [--peft]")
     try:
         __import__("tokenizers")
     except ImportError:
@@ -874,7 +899,17 @@ def main(argv: list[str]) -> None:
             sys.exit(f"error: --{name} is required")
     start = time.perf_counter()
     try:
-        if argv[1] == "import":
+        if argv[1] == "import" and fs.is_file(fs.path(f.hf_dir) / "adapter_config.json"):
+            if not f.base:
+                raise ConfigError(f"{f.hf_dir} is a PEFT adapter: pass --base=WORKDIR, the lm "
+                                  f"workdir of its base model (e.g. `python -m lm.hf import` of it)")
+            from lm.hf_peft import import_adapter
+
+            config = import_adapter(f.hf_dir, f.workdir, f.base)
+            print(f"imported the rank-{config.lora.rank} adapter {f.hf_dir} for {f.base} into "
+                  f"{f.workdir} in {time.perf_counter() - start:.1f}s; sample with python -m "
+                  f"lm.evaluate --workdir={f.workdir} --mode=sample")
+        elif argv[1] == "import":
             config = import_checkpoint(f.hf_dir, f.workdir, tokenizer=f.tokenizer, dtype=f.dtype)
             m = config.model
             print(f"imported {f.hf_dir} into {f.workdir} in {time.perf_counter() - start:.1f}s: "
@@ -888,6 +923,13 @@ def main(argv: list[str]) -> None:
             elif tokenizers.load(fs.path(f.workdir) / "tokenizer.json").eos_id < 0:
                 print("warning: the tokenizer names no end-of-text token (its tokenizer_config.json "
                       "has no eos_token), which lm's training data needs between documents")
+        elif f.peft:
+            from lm.hf_peft import export_adapter
+
+            arch = export_adapter(f.workdir, f.hf_dir, f.step)
+            print(f"exported the adapters of {f.workdir} as a PEFT adapter for a {arch} into "
+                  f"{f.hf_dir} in {time.perf_counter() - start:.1f}s; load it with "
+                  f"peft.PeftModel.from_pretrained(base_model, {f.hf_dir!r})")
         else:
             arch = export_checkpoint(f.workdir, f.hf_dir, f.step, dtype=f.dtype,
                                      max_shard_size=f.max_shard_size)
@@ -917,6 +959,10 @@ def run(argv: list[str] | None = None) -> None:
                         "float32|bfloat16|float16 (default: as they are).")
     flags.DEFINE_string("max_shard_size", "5GB", "export: weights over this go into shards "
                         "model-0000i-of-0000N.safetensors with an index (e.g. 500MB, 2GiB).")
+    flags.DEFINE_bool("peft", False, "export: a LoRA run's adapters alone, as a PEFT adapter "
+                      "folder (default: the model with the adapters merged in).")
+    flags.DEFINE_string("base", None, "import of a PEFT adapter folder: the lm workdir of its base "
+                        "model.")
     logging.set_verbosity(logging.WARNING)
     app.run(main, argv=argv, flags_parser=parse_flags)
 

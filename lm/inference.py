@@ -2,6 +2,7 @@
 
     run.logits(token_ids)               numpy in, float32 numpy out
     run.generate(["Once upon"], max_new_tokens=50, temperature=0.7)
+    run.generate("Hi!", chat=True)      a user's turn in the run's chat template, answered
     lm.load("hf:gpt2")                  a HuggingFace hub model, imported once and cached
     run.perplexity(["Some held-out text."]).perplexity
     run.harness(["hellaswag"], limit=100)   lm-evaluation-harness's results dict (lm/harness.py)
@@ -20,8 +21,9 @@ import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from lm import checkpoint, fs, sharding
+from lm import checkpoint, fs, lora, lora_base, sharding
 from lm import tokenizer as tokenizers
+from lm.chat import ChatTemplate
 from lm.config import ConfigError
 from lm.model import ModelConfig, Transformer
 from lm.perplexity import Score, score_documents
@@ -51,39 +53,54 @@ class LoadedModel:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  max_new_tokens: int = 100, *, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-                 on_text: Callable[[str], None] | None = None, skip_special_tokens: bool = True
-                 ) -> list[str]:
+                 on_text: Callable[[str], None] | None = None, skip_special_tokens: bool = True,
+                 chat: bool = False) -> list[str]:
         """Continuations of each prompt, cut at the end-of-document token and before any `stop`.
 
-        A prompt is a text, which starts as `tokenizer.prompt_ids` starts it, or token ids,
-        continued as they are. `on_text` streams the text of a single prompt as it is generated.
-        Special tokens (e.g. <|endoftext|>) are left out of the text unless `skip_special_tokens`
-        is False, as HuggingFace's decode does.
+        A prompt is a text, which starts as `prompt_ids` starts it, or token ids, continued as
+        they are. `on_text` streams the text of a single prompt as it is generated. Special tokens
+        (e.g. <|endoftext|>) are left out of the text unless `skip_special_tokens` is False, as
+        HuggingFace's decode does. `chat`: a text prompt is a user's turn in the run's chat
+        template (lm/chat.py), and every reply ends at the end of turn.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        end = self.chat_template.end_of_turn if chat else self.tokenizer.eos_id
         on_token = None
         if on_text is not None:
             if len(prompts) != 1:
                 raise ValueError("streaming (on_text) needs a single prompt")
-            on_token = _Streamer(self.tokenizer, on_text, skip_special_tokens)
-        ids = [tokenizers.prompt_ids(self.tokenizer, p) if isinstance(p, str)
-               else np.asarray(p, np.int32) for p in prompts]
+            on_token = _Streamer(self.tokenizer, on_text, skip_special_tokens, end)
+        ids = [self.prompt_ids(p, chat) if isinstance(p, str) else np.asarray(p, np.int32)
+               for p in prompts]
         tokens = self.generate_tokens(ids, max_new_tokens,
                                       options=SamplingOptions(temperature, top_k, top_p),
-                                      seed=seed, on_token=on_token)
+                                      seed=seed, on_token=on_token, eos_id=end)
         return [_cut(self.tokenizer.decode(t, skip_special_tokens), stop) for t in tokens]
+
+    def prompt_ids(self, prompt: str, chat: bool = False) -> np.ndarray:
+        """The ids `generate` starts from: the prompt as a document starts, or with `chat` as a
+        user's turn opening the assistant's."""
+        if chat:
+            return self.chat_template.prompt_ids(prompt)
+        return tokenizers.prompt_ids(self.tokenizer, prompt)
+
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate:
+        """The chat template the run trained with (or the tokenizer's own, or ChatML)."""
+        return ChatTemplate.for_run(self.config.get("data", ConfigDict()), self.tokenizer)
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                         options: SamplingOptions = SamplingOptions(), seed: int = 0,
-                        on_token: Callable[[np.ndarray], None] | None = None, pad_to: int = 0
-                        ) -> list[np.ndarray]:
+                        on_token: Callable[[np.ndarray], None] | None = None, pad_to: int = 0,
+                        eos_id: int | None = None) -> list[np.ndarray]:
         """The new ids after each prompt of ids, taken as given (`generate` starts each with the
-        end-of-document id), up to the end-of-document token, which is left out. `pad_to`: see
-        sampling.generate."""
+        end-of-document id), up to the end-of-document token (or `eos_id`), which is left out.
+        `pad_to`: see sampling.generate."""
         model, params = self._decoding
         return generate(model, params, prompts, max_new_tokens, options=options, seed=seed,
-                        eos_id=self.tokenizer.eos_id, mesh=self.mesh,
-                        valid_vocab=self.tokenizer.vocab_size, on_token=on_token, pad_to=pad_to)
+                        eos_id=self.tokenizer.eos_id if eos_id is None else eos_id,
+                        mesh=self.mesh, valid_vocab=self.tokenizer.vocab_size,
+                        on_token=on_token, pad_to=pad_to)
 
     @functools.cached_property
     def _decoding(self) -> tuple[Transformer, Any]:
@@ -112,13 +129,13 @@ class _Streamer:
     character, so decoding token by token would garble multi-byte text)."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, on_text: Callable[[str], None],
-                 skip_special_tokens: bool):
+                 skip_special_tokens: bool, end: int):
         self.tokenizer, self.on_text, self.ids, self.text = tokenizer, on_text, [], ""
-        self.skip_special_tokens = skip_special_tokens
+        self.skip_special_tokens, self.end = skip_special_tokens, end
 
     def __call__(self, tokens: np.ndarray) -> None:
         token = int(np.asarray(tokens)[0])
-        if token == self.tokenizer.eos_id:
+        if token == self.end:
             return
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
@@ -169,10 +186,15 @@ def load(path: str | os.PathLike, *, step: int | None = None, fsdp: int = 1, ten
     tokenizer = tokenizers.load(workdir / "tokenizer.json")
     mesh = sharding.make_mesh(config, devices)
     cfg = ModelConfig.for_run(config, tokenizer.vocab_size, mesh.shape["tensor"])
-    model = Transformer(cfg)
-    boxed = jax.eval_shape(model.init, jax.random.key(0),
+    boxed = jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
                            np.zeros((1, cfg.context_length), np.int32))["params"]
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             nn.unbox(boxed), sharding.tree_shardings(mesh, boxed))
-    params = checkpoint.restore_params(step_dir, abstract)
-    return LoadedModel(config, model, params, tokenizer, mesh, int(step_dir.name))
+    if cfg.lora_rank:  # the base and the adapters, merged once: a plain model from here on
+        params = lora_base.restore(workdir, config.train.init_from, step_dir, abstract)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            params = jax.jit(lambda p: lora.merge(cfg, p)[1])(params)
+        cfg = lora.plain(cfg)
+    else:
+        params = checkpoint.restore_params(step_dir, abstract)
+    return LoadedModel(config, Transformer(cfg), params, tokenizer, mesh, int(step_dir.name))

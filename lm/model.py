@@ -58,6 +58,12 @@ class ModelConfig:
     # Kernels stored [fan_out, fan_in], as PyTorch's nn.Linear stores them: the decoding layout
     # (sampling.decoding_layout), never a training one.
     transposed_kernels: bool = False
+    # LoRA adapters (config.lora, lm/lora.py): their rank (0: none), alpha, dropout, and the names
+    # of the Dense layers that get them.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def attention(self) -> str:
@@ -79,6 +85,16 @@ class ModelConfig:
         fields.update(vocab_size=vocab_size, num_kv_heads=model.num_kv_heads or model.num_heads)
         return cls(**fields)
 
+    def adapted(self, lora: ConfigDict | None) -> ModelConfig:
+        """This model with config.lora's adapters (none when its rank is 0); `gate` names a layer
+        of SwiGLU MLPs only."""
+        if not lora or not lora.rank:
+            return self
+        targets = tuple(t for t in (t.strip() for t in lora.targets.split(","))
+                        if t and (t != "gate" or self.mlp == "swiglu"))
+        return dataclasses.replace(self, lora_rank=lora.rank, lora_alpha=float(lora.alpha),
+                                   lora_dropout=float(lora.dropout), lora_targets=targets)
+
     @classmethod
     def for_run(cls, config: ConfigDict, tokenizer_vocab: int, tensor: int) -> ModelConfig:
         """A run's model, its vocabulary resolved against the tokenizer's and checked, as is its
@@ -91,7 +107,7 @@ class ModelConfig:
             raise ConfigError(f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
                               f"{tokenizer_vocab} ids; set it to 0 (automatic) or at least "
                               f"{tokenizer_vocab}")
-        cfg = cls.from_config(config.model, vocab)
+        cfg = cls.from_config(config.model, vocab).adapted(config.get("lora"))
         for name, size in (("vocab_size", cfg.vocab_size), ("d_ff", cfg.d_ff)):
             if size % tensor:
                 raise ConfigError(f"model {name}={size} must be divisible by config.mesh.tensor="
@@ -114,13 +130,15 @@ def _init(std: float, axes: tuple[str | None, ...]):
 
 
 class Dense(nn.Module):
-    """Contract the trailing `in_dims` axes of x with a kernel whose axes are named by `axes`."""
+    """Contract the trailing `in_dims` axes of x with a kernel whose axes are named by `axes`; with
+    LoRA (its name in cfg.lora_targets), plus a low-rank adapter's product (`_adapter`)."""
     cfg: ModelConfig
     features: int | tuple[int, ...]
     axes: tuple[str | None, ...]  # logical names: contracted input axes, then output axes
     in_dims: int = 1
     std: float | None = None
     use_bias: bool | None = None  # None: cfg.use_bias
+    deterministic: bool = True  # no adapter dropout
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -142,11 +160,33 @@ class Dense(nn.Module):
             kernel = self.param("kernel", _init(std, self.axes), in_shape + features,
                                 cfg.param_dtype)
             y = rows @ kernel.reshape(fan_in, -1).astype(cfg.dtype)
+            if cfg.lora_rank and self.name in cfg.lora_targets:
+                y = y + self._adapter(rows, in_shape, features)
         y = y.reshape(x.shape[:-self.in_dims] + features)
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:])
             y = y + self.param("bias", bias_init, features, cfg.param_dtype).astype(cfg.dtype)
         return y
+
+    def _adapter(self, rows: jax.Array, in_shape: tuple[int, ...], features: tuple[int, ...]
+                 ) -> jax.Array:
+        """LoRA's alpha/rank * dropout(x) A B beside the frozen kernel: A [inputs..., rank] drawn as
+        PEFT draws it (uniform within 1/sqrt(fan-in)), B [rank, outputs...] zero, so that a fresh
+        adapter leaves the base model's function unchanged. Float32 whatever the base's dtype
+        (the optimizer updates them); named by the kernel's logical axes, so sharded by the same
+        rules."""
+        cfg, rank = self.cfg, self.cfg.lora_rank
+        in_axes, out_axes = self.axes[:self.in_dims], self.axes[self.in_dims:]
+        init_a = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
+                                                  in_axis=tuple(range(self.in_dims)), out_axis=-1)
+        a = self.param("lora_a", nn.with_logical_partitioning(init_a, in_axes + (None,)),
+                       in_shape + (rank,), jnp.float32)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                              (None,) + out_axes),
+                       (rank,) + features, jnp.float32)
+        x = nn.Dropout(cfg.lora_dropout)(rows, deterministic=self.deterministic)
+        h = x @ a.reshape(-1, rank).astype(cfg.dtype)
+        return (h @ b.reshape(rank, -1).astype(cfg.dtype)) * (cfg.lora_alpha / rank)
 
 
 def _norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -274,11 +314,11 @@ class Attention(nn.Module):
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.use_bias or cfg.qkv_bias
         q = Dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), use_bias=bias,
-                  name="query")(x)
+                  deterministic=self.deterministic, name="query")(x)
         k = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), use_bias=bias,
-                  name="key")(x)
+                  deterministic=self.deterministic, name="key")(x)
         v = Dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), use_bias=bias,
-                  name="value")(x)
+                  deterministic=self.deterministic, name="value")(x)
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg), rope(k, positions, cfg)
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
@@ -307,7 +347,8 @@ class Attention(nn.Module):
                 q, k, v, (slots[None, None, :] <= positions[:, :, None])[:, None, None])
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         return Dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), in_dims=2,
-                     std=_residual_std(cfg), name="out")(out), cache
+                     std=_residual_std(cfg), deterministic=self.deterministic,
+                     name="out")(out), cache
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
@@ -318,19 +359,21 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
 class Mlp(nn.Module):
     cfg: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
+        dense = functools.partial(Dense, cfg, deterministic=self.deterministic)
         if cfg.mlp == "swiglu":
-            gate = Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="gate")(x)
-            h = nn.silu(gate) * Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x)
+            gate = dense(cfg.d_ff, ("embed", "mlp"), name="gate")(x)
+            h = nn.silu(gate) * dense(cfg.d_ff, ("embed", "mlp"), name="up")(x)
         else:
             # GPT-2 uses the tanh approximation of GELU; PyTorch's nn.GELU (nanoGPT) the exact erf.
-            up = Dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x)
+            up = dense(cfg.d_ff, ("embed", "mlp"), name="up")(x)
             h = gelu_exact(up) if cfg.mlp == "gelu_exact" else nn.gelu(up, approximate=True)
         h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
-        return Dense(cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down")(h)
+        return dense(cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down")(h)
 
 
 class Block(nn.Module):
@@ -348,7 +391,7 @@ class Block(nn.Module):
         h, cache = Attention(cfg, self.deterministic, self.layer, name="attn")(
             _norm(cfg, "attn_norm")(x), positions, segment_ids, cache, mask)
         x = x + drop(h)
-        x = x + drop(Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x)))
+        x = x + drop(Mlp(cfg, self.deterministic, name="mlp")(_norm(cfg, "mlp_norm")(x)))
         return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), cache
 
 

@@ -39,11 +39,13 @@ def at_step(opt_state: Any, step: jax.Array) -> Any:
 
 
 def weight_decay_mask(params: Any, decay_embeddings: bool) -> Any:
-    """Decay matrices only: not norms or biases, and embeddings only when asked."""
+    """Decay matrices only (LoRA's adapters too): not norms or biases, and embeddings only when
+    asked."""
     def decays(path, _) -> bool:
         # The parameter's name is the last dict key (a boxed leaf adds a `.value` after it).
         name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        return name == "kernel" or (decay_embeddings and name in ("embed", "pos_embed"))
+        return (name in ("kernel", "lora_a", "lora_b")
+                or (decay_embeddings and name in ("embed", "pos_embed")))
     return jax.tree_util.tree_map_with_path(decays, params)
 
 

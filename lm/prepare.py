@@ -20,8 +20,11 @@ directory holds:
       done/NNNNN.json   each task's done marker
       train-NNNNN-<spec>-000.bin   a task's token ids, uint16 when the vocabulary fits (<= 65536
                         ids) else uint32; each document is followed by the end-of-document id
-      train-NNNNN-<spec>-000.mask  prompt/completion data only: uint8 per token, 1 where the token
-                        is scored as a target (completion and end-of-document), 0 on prompts
+      train-NNNNN-<spec>-000.mask  prompt/completion and chat data only: uint8 per token, bit 0
+                        (`shards.SCORED`) set where the token is scored as a target (completion
+                        and end-of-document; an assistant's turn and its end of turn), clear on
+                        prompts; chat data set bit 1 (`shards.DOCUMENT_START`) on the
+                        end-of-document id before each conversation
       train-head.bin    the end-of-document id that starts the split's stream, so every document
                         comes after one (as `tokenizer.document_ids` starts a document)
       counts-<hash>.npy [2, vocab] int64: frequencies of the scored tokens of train and val
@@ -51,7 +54,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 from tqdm import tqdm
 
-from lm import corpus, fs, shards, sources
+from lm import chat, corpus, fs, shards, sources
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate_data
 
@@ -92,12 +95,15 @@ def _digest(value) -> str:
 
 def _key(data: ConfigDict, seed: int, inputs: list[sources.Input]) -> dict:
     """What shapes the shards: the inputs (path, size, version: no bytes are read), the split,
-    the data format, and the constants that cut the work."""
+    the data format (a chat's config.data.chat_template too: a tokenizer's own template is part of
+    the tokenizer), and the constants that cut the work."""
     fields = sources.FORMATS[data.format][0](data)
+    template = {"chat_template": chat.config_hash(data)} if data.format == "chat" else {}
     return {"version": VERSION,
             "inputs": _digest([[i.path, i.size, i.version] for i in inputs]),
             "seed": seed, "format": data.format, "val_fraction": data.val_fraction,
-            "fields": fields, "task_bytes": [TASK_BYTES, TASKS], "piece_bytes": sources.PIECE_BYTES}
+            "fields": fields, "task_bytes": [TASK_BYTES, TASKS], "piece_bytes": sources.PIECE_BYTES,
+            **template}
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -207,11 +213,19 @@ class Preparation:
         return self.tokenizer
 
     def _texts(self, split: str | None) -> Iterator[str]:
+        """What a fitted tokenizer sees: the documents' texts; conversations as their template
+        renders them (its own text, e.g. `<|im_start|>`, is tokenized too)."""
+        template = (chat.ChatTemplate(chat.template_source(self.data))
+                    if self.data.format == "chat" else None)
         for task in self.tasks:
             for part in task.parts:
                 for name, piece in corpus.split_pieces(part, self.data, self.seed, self.tails):
-                    if split in (None, name):
+                    if split not in (None, name):
+                        continue
+                    if template is None:
                         yield from corpus.texts([piece.content])
+                    else:
+                        yield template.render(piece.content.as_dicts())
 
     # Tasks: every process its share.
 
@@ -289,8 +303,9 @@ class Preparation:
             eos = np.array([self.tokenizer.eos_id], self.dtype)
             fs.write_bytes(self.work / f"{split}-head.bin", eos.tobytes())
             head = [f"{split}-head.bin"]
-            if masked:  # never a target: it starts the stream
-                fs.write_bytes(self.work / f"{split}-head.mask", bytes(1))
+            if masked:  # never a target: it starts the stream (and, in chat data, a document)
+                start = shards.DOCUMENT_START if self.data.format == "chat" else 0
+                fs.write_bytes(self.work / f"{split}-head.mask", bytes([start]))
         names = head + [f for e in entries for f in e["shards"]]
         masks = [n.replace(".bin", ".mask") for n in head] + [f for e in entries
                                                               for f in e["masks"]]
@@ -428,7 +443,7 @@ def load(directory: str | os.PathLike, cache_dir: str = "") -> Prepared:
         shards_ = [fs.token_array(directory / f, meta["dtype"], cache_dir) for f in info["shards"]]
         masks = info["masks"] and [fs.token_array(directory / f, np.uint8, cache_dir)
                                    for f in info["masks"]]
-        tokens = TokenStream(shards_, masks)
+        tokens = TokenStream(shards_, masks, marks_documents=meta["format"] == "chat")
         if len(tokens) != info["tokens"] or (masks and sum(map(len, masks)) != info["tokens"]):
             raise ConfigError(f"{directory}: the {split} shards hold {len(tokens)} tokens, not the "
                               f"{info['tokens']} of meta.json; delete the directory and prepare "

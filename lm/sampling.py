@@ -20,7 +20,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from lm import sharding
+from lm import lora, sharding
 from lm.model import Transformer, init_cache
 
 
@@ -98,7 +98,8 @@ def choose(logits: jax.Array, key: jax.Array, options: SamplingOptions,
 
 def decoding_model(model: Transformer) -> Transformer:
     """The model of `decoding_layout`."""
-    return Transformer(dataclasses.replace(model.cfg, scan_layers=False, tie_embeddings=False,
+    return Transformer(dataclasses.replace(lora.plain(model.cfg), scan_layers=False,
+                                           tie_embeddings=False,
                                            transposed_kernels=jax.default_backend() == "cpu"))
 
 
@@ -112,6 +113,9 @@ def decoding_layout(model: Transformer, params: Any) -> tuple[Transformer, Any]:
     samples many times lays out once (as `lm.load` does).
     """
     laid_out = decoding_model(model)
+    if model.cfg.lora_rank:  # LoRA adapters merged into their kernels: one product where two were
+        cfg, params = lora.merge(model.cfg, params)
+        model = Transformer(cfg)
     if laid_out.cfg == model.cfg:
         return model, params
     params = dict(params)

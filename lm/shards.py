@@ -20,12 +20,15 @@ from typing import Iterator, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from lm import corpus, fs, sources
+from lm import chat, corpus, fs, sources
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError
 
 SPLITS = ("train", "val")
 BATCH_CHARS = 1 << 20  # text tokenized in one call
+# Bits of a .mask byte: the token is scored as a target; a document starts at the token (chat data
+# mark the end-of-document id before each conversation: their end of turn may be the same id).
+SCORED, DOCUMENT_START = 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +133,19 @@ def _append(path: str, array: np.ndarray) -> None:
         f.write(array.tobytes())
 
 
-def encode(tokenizer: tokenizers.Tokenizer, pieces: Sequence[sources.Piece]
-           ) -> tuple[np.ndarray, np.ndarray | None]:
+def encode(tokenizer: tokenizers.Tokenizer, pieces: Sequence[sources.Piece],
+           template: chat.ChatTemplate | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(ids, loss weight of each id as a target or None for plain text) of consecutive pieces:
     each document's ids, then the end-of-document id after its last piece. An example is its
-    prompt's ids then its completion's, encoded apart so that their boundary is a token boundary."""
+    prompt's ids then its completion's, encoded apart so that their boundary is a token boundary.
+    A conversation is its `template`'s ids and weights (lm/chat.py); the end-of-document id after
+    it is marked as the next one's start (`DOCUMENT_START`)."""
     eos = np.array([tokenizer.eos_id], np.int32)
+    if isinstance(pieces[0].content, chat.Chat):
+        encoded = [template.encode(p.content) for p in pieces]
+        start = np.array([DOCUMENT_START], np.uint8)
+        return (np.concatenate([x for ids, _ in encoded for x in (ids, eos)]),
+                np.concatenate([x for _, weights in encoded for x in (weights, start)]))
     if not isinstance(pieces[0].content, tuple):
         encoded = tokenizer.encode_batch([p.content for p in pieces])
         return np.concatenate([x for p, ids in zip(pieces, encoded)
@@ -167,6 +177,8 @@ def _tokenize(task: Task, settings: Settings, tokenizer: tokenizers.Tokenizer, d
     """Write the task's shards into the local `directory`; what its marker records."""
     writers = {s: ShardWriter(directory, f"{s}-{task.prefix}", settings.shard_tokens)
                for s in SPLITS}
+    data = settings.config()
+    template = chat.ChatTemplate.for_run(data, tokenizer) if data.format == "chat" else None
     counts = np.zeros((len(SPLITS), tokenizer.vocab_size), np.int64)
     documents, input_bytes, digest = dict.fromkeys(SPLITS, 0), 0, hashlib.sha256()
     for batch in _batches(task, settings):
@@ -174,9 +186,9 @@ def _tokenize(task: Task, settings: Settings, tokenizer: tokenizers.Tokenizer, d
             pieces = [p for s, p in batch if s == split]
             if not pieces:
                 continue
-            ids, weights = encode(tokenizer, pieces)
+            ids, weights = encode(tokenizer, pieces, template)
             writers[split].write(ids.astype(settings.dtype), weights)
-            counts[row] += np.bincount(ids if weights is None else ids[weights == 1],
+            counts[row] += np.bincount(ids if weights is None else ids[(weights & SCORED) > 0],
                                        minlength=tokenizer.vocab_size)
             documents[split] += sum(p.end for p in pieces)
         for split, piece in batch:

@@ -10,7 +10,8 @@ corpus (`builtin:python_docs`), or a HuggingFace hub dataset (`hf:NAME?config=C&
     *.gz, *.zst          gzip or zstd of a text or jsonl file, by the name inside (a.jsonl.zst)
     any other name       the whole file is one document (UTF-8 text)
 
-A record becomes a document through `config.data.format` (`FORMATS`: one small function each). A
+A record becomes a document through `config.data.format` (`FORMATS`: one small function each: a
+text, a (prompt, completion) example, or a chat conversation, lm/chat.py). A
 reader never holds more than a piece of text (`PIECE_BYTES`) or a record batch: a long text file
 comes as pieces cut after a newline, so no token spans a cut, and memory does not grow with a file.
 A `Part` is what one task reads: a whole file, a line-aligned byte range of a plain one, or a range
@@ -38,6 +39,7 @@ from typing import Any, Callable, Iterator, Union
 from ml_collections import ConfigDict
 
 from lm import fs
+from lm.chat import Chat
 from lm.config import ConfigError
 
 BUILTIN = "builtin:"
@@ -45,7 +47,7 @@ HUB = "hf:"
 PIECE_BYTES = 1 << 20   # text handed on at once; a longer document comes in pieces cut after newlines
 KEY_BYTES = 1 << 16     # a document's first bytes: what names it (for the train/validation split)
 Example = tuple[str, str]  # (prompt, completion)
-Document = Union[str, Example]
+Document = Union[str, Example, Chat]
 # Files that `datasets.save_to_disk` writes beside its .arrow files: metadata, not documents.
 ARROW_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
 EXTRAS = 'pip install -e ".[data]"'
@@ -204,18 +206,39 @@ def prompt_completion_document(record: Any, data: ConfigDict, where: Callable[[]
             _field(record, data.completion_field, where, "completion_field"))
 
 
+def chat_document(record: Any, data: ConfigDict, where: Callable[[], str]) -> Document:
+    """A conversation: a non-empty list of {"role": text, "content": text} (other keys ignored)."""
+    messages = record.get(data.messages_field) if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where()}: no list of messages in field {data.messages_field!r}; fix "
+                          f"the record or set config.data.messages_field to the field that holds "
+                          f"the conversation")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise ConfigError(f"{where()}: message {i} is not {{\"role\": text, \"content\": "
+                              f"text}}; fix the record")
+    return Chat(tuple((m["role"], m["content"]) for m in messages))
+
+
 FORMATS: dict[str, tuple[Callable[[ConfigDict], list[str]], Callable[..., Document]]] = {
     "text": (lambda data: [data.text_field], text_document),
     "prompt_completion": (lambda data: [data.prompt_field, data.completion_field],
                           prompt_completion_document),
+    "chat": (lambda data: [data.messages_field], chat_document),
 }
 
 
+def strings(doc: Document) -> tuple[str, ...]:
+    """The strings a document holds: a text, an example's prompt and completion, a conversation's
+    roles and contents."""
+    return (doc,) if isinstance(doc, str) else doc.texts() if isinstance(doc, Chat) else doc
+
+
 def key_bytes(doc: Document) -> bytes:
-    """What names a document for the split: its first KEY_BYTES of UTF-8 (an example's prompt and
-    completion, NUL-separated)."""
-    text = doc if isinstance(doc, str) else f"{doc[0]}\0{doc[1]}"
-    return text.encode("utf-8")[:KEY_BYTES]
+    """What names a document for the split: its first KEY_BYTES of UTF-8 (an example's or a
+    conversation's strings NUL-separated)."""
+    return "\0".join(strings(doc)).encode("utf-8")[:KEY_BYTES]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +461,8 @@ def _columns(schema_names: list[str], fields: list[str], file: str, data: Config
     missing = [f for f in fields if f not in schema_names]
     if missing:
         setting = {data.text_field: "text_field", data.prompt_field: "prompt_field",
-                   data.completion_field: "completion_field"}[missing[0]]
+                   data.completion_field: "completion_field",
+                   data.messages_field: "messages_field"}[missing[0]]
         raise ConfigError(f"{file}: no column {missing[0]!r} (it has {', '.join(schema_names)}); "
                           f"set config.data.{setting} to the column that holds the text")
 

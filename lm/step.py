@@ -21,7 +21,7 @@ from flax import struct
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from lm import optim, sharding
+from lm import lora, optim, sharding
 from lm.model import Transformer
 
 Batch = dict[str, jax.Array]
@@ -29,9 +29,16 @@ Metrics = dict[str, jax.Array]
 
 
 class TrainState(struct.PyTreeNode):
+    """`params` are what trains (all weights, or a LoRA run's adapters), `opt_state` their
+    optimizer state; `frozen` is a LoRA run's base (None otherwise), never differentiated."""
     step: jax.Array
     params: Any
     opt_state: Any
+    frozen: Any = None
+
+    def model_params(self) -> Any:
+        """The model's whole parameter tree."""
+        return lora.combine(self.params, self.frozen)
 
 
 def loss_sums(params: Any, model: Transformer, batch: Batch, z_loss: float,
@@ -72,7 +79,9 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
     rate is always the schedule's at the step). A batch with no scored position has loss and
     gradient 0 and counts 0 tokens.
     """
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    # Only `params` are differentiated: a LoRA run computes no gradient for its frozen base.
+    grad_fn = jax.value_and_grad(
+        lambda params, *args: loss_sums(lora.combine(params, state.frozen), *args), has_aux=True)
 
     def accumulate(carry, micro):
         index, micro_batch = micro
@@ -110,9 +119,9 @@ def eval_step(params: Any, batch: Batch, *, model: Transformer) -> Metrics:
 @dataclasses.dataclass
 class CompiledSteps:
     """The jitted, sharded functions of one run, compiled ahead of time for its batch shape."""
-    init: Callable[[], TrainState]
+    init: Callable[[], TrainState]  # a LoRA run's state without its base (`frozen`)
     train: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-    eval: Callable[[Any, Batch], Metrics]
+    eval: Callable[[Any, Batch], Metrics]  # of the model's whole parameters (model_params())
     state_sharding: Any
     abstract_state: TrainState  # shapes, dtypes and shardings: the target for restoring
     compile_seconds: float
@@ -157,22 +166,30 @@ def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
     length = model.cfg.context_length
     batch = _abstract_batch(mesh, batch_size, length, segments)
 
+    adapters = model.cfg.lora_rank > 0
+
     def init() -> TrainState:
         boxed = model.init(jax.random.key(seed), jnp.zeros((1, length), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=boxed,
-                          opt_state=optimizer.init(boxed))
+        params, frozen = lora.split(boxed) if adapters else (boxed, None)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params), frozen=frozen)
 
     state_sharding = sharding.tree_shardings(mesh, jax.eval_shape(init))
+    dropout = model.cfg.dropout > 0 or model.cfg.lora_dropout > 0
     train = functools.partial(
         train_step, model=model, optimizer=optimizer, schedule=schedule, z_loss=z_loss,
-        grad_accum_steps=grad_accum_steps, dropout_seed=seed if model.cfg.dropout > 0 else None,
+        grad_accum_steps=grad_accum_steps, dropout_seed=seed if dropout else None,
         skip_nonfinite=skip_nonfinite)
     evaluate = functools.partial(eval_step, model=model)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        init_jit = jax.jit(lambda: nn.unbox(init()), out_shardings=state_sharding)
+        whole = jax.jit(lambda: nn.unbox(init()), out_shardings=state_sharding)
         state_shape = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   jax.eval_shape(init_jit), state_sharding)
+                                   jax.eval_shape(whole), state_sharding)
+        # A LoRA run's base comes from its checkpoint (lm/lora_base.py): the initializer leaves it
+        # out, and XLA drops its random draw.
+        init_jit = jax.jit(lambda: nn.unbox(init()).replace(frozen=None),
+                           out_shardings=state_sharding.replace(frozen=None))
         # It runs once: LLVM's O1 compiles it in well under O2's time on a CPU, to the same values
         # (one threefry program per parameter; docs/scaling.md).
         cpu = mesh.devices.flat[0].platform == "cpu"
@@ -185,9 +202,10 @@ def compile_steps(model: Transformer, optimizer: optax.GradientTransformation,
                     donate_argnums=0).lower(state_shape, batch),
             CPU_TRAIN_OPTIONS if cpu else {})
         compile_seconds = time.perf_counter() - start
-        eval_fn = jax.jit(evaluate, in_shardings=(state_sharding.params, sharding.batch_sharding(mesh)),
+        eval_fn = jax.jit(evaluate, in_shardings=(state_sharding.model_params(),
+                                                  sharding.batch_sharding(mesh)),
                           out_shardings=sharding.replicated(mesh)
-                          ).lower(state_shape.params, batch).compile()
+                          ).lower(state_shape.model_params(), batch).compile()
     memory = train_fn.memory_analysis()
     return CompiledSteps(
         init=init_fn, train=train_fn, eval=eval_fn, state_sharding=state_sharding,

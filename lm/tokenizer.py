@@ -194,13 +194,14 @@ class HuggingFaceTokenizer:
     """
 
     def __init__(self, spec: str, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1,
-                 hf_template: bool = False):
+                 hf_template: bool = False, chat_template: str | None = None):
         self.spec = spec
         self._tok = _hf_tokenizers().Tokenizer.from_str(spec)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.hf_template = hf_template
+        self.chat_template = chat_template  # Jinja, from tokenizer_config.json (lm/chat.py)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, hf_template: bool = False
@@ -227,6 +228,7 @@ class HuggingFaceTokenizer:
                 raise ConfigError(f"{file} is not a HuggingFace tokenizer.json ({reason})") from None
         if hf_template:
             tokenizer._apply_transformers_template(file.parent)
+        tokenizer.chat_template = _chat_template(file.parent)
         ids = _special_ids(file.parent, tokenizer._tok, tokenizer.vocab_size)
         if "eos" not in ids:
             found = [i for name in _EOS_NAMES if (i := tokenizer.token_to_id(name)) is not None]
@@ -266,6 +268,10 @@ class HuggingFaceTokenizer:
         first_is_template = bool(encoding.special_tokens_mask[:1] == [1])
         return np.asarray(encoding.ids, np.int32), first_is_template
 
+    def special_ids(self) -> list[int]:
+        """The ids of the tokenizer's added special tokens (end of turn, begin of text, ...)."""
+        return [i for i, token in self._tok.get_added_tokens_decoder().items() if token.special]
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -284,8 +290,11 @@ class HuggingFaceTokenizer:
                                 skip_special_tokens=skip_special_tokens)
 
     def to_json(self) -> dict:
-        return {"type": "huggingface", "tokenizer": self.spec, "bos_id": self.bos_id,
+        spec = {"type": "huggingface", "tokenizer": self.spec, "bos_id": self.bos_id,
                 "eos_id": self.eos_id, "pad_id": self.pad_id, "hf_template": self.hf_template}
+        if self.chat_template:
+            spec["chat_template"] = self.chat_template
+        return spec
 
 
 def _read_json_or_empty(path: fs.Path) -> dict:
@@ -296,6 +305,18 @@ def _read_json_or_empty(path: fs.Path) -> dict:
     except ValueError:
         return {}
     return spec if isinstance(spec, dict) else {}
+
+
+def _chat_template(directory: fs.Path) -> str | None:
+    """The folder's chat template: chat_template.jinja (transformers 5 writes it), else
+    tokenizer_config.json's `chat_template` (a template, or named ones: the `default`)."""
+    if fs.is_file(directory / "chat_template.jinja"):
+        return fs.read_text(directory / "chat_template.jinja")
+    template = _read_json_or_empty(directory / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 def _token_name(token) -> str | None:
@@ -436,7 +457,8 @@ def from_json(spec: dict) -> Tokenizer:
         return SentencePieceTokenizer(base64.b64decode(spec["model"]))
     if spec["type"] == "huggingface":
         return HuggingFaceTokenizer(spec["tokenizer"], spec["bos_id"], spec["eos_id"],
-                                    spec["pad_id"], spec.get("hf_template", False))
+                                    spec["pad_id"], spec.get("hf_template", False),
+                                    spec.get("chat_template"))
     return CharTokenizer(spec["chars"]) if spec["type"] == "char" else ByteTokenizer()
 
 

@@ -17,14 +17,14 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import agreement, checkpoint, compilation_cache, data, distributed, flops, fs, prepare
-from lm import sampling, sharding, step
+from lm import agreement, chat, checkpoint, compilation_cache, data, distributed, flops, fs
+from lm import lora_base, prepare, sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
@@ -62,10 +62,11 @@ class Preempted(Exception):
 # Fields that fix what a checkpoint means or the structure of its state: resuming with other values
 # would load nonsense, or fail to load. (A function of the value, why) stands where only that
 # function matters. tests/test_faults.py checks that every optim field that changes the optimizer
-# state's structure is here.
+# state's structure is here. (A LoRA run's base, train.init_from, is checked by lm/lora_base.py.)
 _Rule = tuple[Callable[[object], object], str]
 _FROZEN: dict[str, _Rule | None] = {
-    "model": None, "data.tokenizer": None, "data.path": None,
+    "model": None, "data.tokenizer": None, "data.path": None, "data.chat_template": None,
+    "lora": None,
     "optim.grad_clip": (lambda clip: clip is not None and clip > 0,
                         " (clipping on vs off changes the optimizer state)")}
 
@@ -100,9 +101,12 @@ def _check_resumable(config: ConfigDict, workdir: fs.PathLike) -> None:
               if (rule := _what_must_stay(k)) and rule[0](old.get(k)) != rule[0](new.get(k))]
     if frozen:
         key, why = frozen[0]
+        # An adapter run's checkpoints hold adapters alone: no base to fine-tune from.
+        start_from = "" if old.get("lora.rank") else (
+            f", or --config.train.init_from={workdir} to fine-tune from it")
         raise ConfigError(f"{workdir} was created with {key}={old.get(key)!r}, not "
                           f"{new.get(key)!r}{why} ({len(frozen)} such fields differ); use a new "
-                          f"--workdir, or --config.train.init_from={workdir} to fine-tune from it")
+                          f"--workdir{start_from}")
     _check_decay_length(old, new)
     for key in changed:
         console(f"config change since this workdir was created: {key} {old.get(key)!r} -> "
@@ -135,17 +139,27 @@ def _check_finite(metrics, step_number: int, skip: bool) -> None:
 
 
 def _restore_or_init(steps: step.CompiledSteps, checkpointer: checkpoint.Checkpointer,
-                     train_iter, init_from: str) -> step.TrainState:
-    """The latest checkpoint's state; else a fresh one, with `init_from`'s parameters if given."""
+                     train_iter, init_from: str, workdir: fs.Path) -> step.TrainState:
+    """The latest checkpoint's state; else a fresh one, with `init_from`'s parameters if given.
+    A LoRA run's state gets its frozen base (`init_from`'s, as recorded at its start)."""
     state = checkpointer.restore_latest(steps.abstract_state, train_iter)
+    adapters = steps.abstract_state.frozen is not None
     if state is not None:
         console(f"resumed from step {int(state.step)} ({checkpointer.directory})")
-        return state
-    state = steps.init()
-    if init_from:
-        state = state.replace(params=checkpoint.restore_params(init_from,
-                                                               steps.abstract_state.params))
-        console(f"parameters initialised from {init_from}")
+    else:
+        state = steps.init()
+        if init_from and not adapters:
+            state = state.replace(params=checkpoint.restore_params(init_from,
+                                                                   steps.abstract_state.params))
+            console(f"parameters initialised from {init_from}")
+        elif adapters and checkpointer.steps():  # adapters alone: a PEFT adapter's import
+            state = state.replace(params=checkpoint.restore_params(
+                checkpointer.directory, steps.abstract_state.params))
+            console(f"adapters initialised from {checkpointer.directory}")
+    if adapters:
+        state = state.replace(frozen=lora_base.restore_base(
+            workdir, init_from, steps.abstract_state.frozen, record=True))
+        console(f"adapters train on the frozen base {lora_base.base_directory(workdir, init_from)}")
     return state
 
 
@@ -183,13 +197,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
     model = Transformer(cfg)
     steps = step.compile_run(config, model, mesh)
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", t)
-    state = _restore_or_init(steps, checkpointer, train_iter, t.init_from)
+    state = _restore_or_init(steps, checkpointer, train_iter, t.init_from, workdir)
     start = int(state.step)
 
     unigram = data.unigram_cross_entropy(*prepared.counts, cfg.vocab_size)
-    console(f"model: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
-            f"{cfg.num_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size} "
-            f"(tokenizer {prepared.tokenizer.vocab_size})")
+    trained = sum(x.size for x in jax.tree.leaves(state.params))
+    total = sum(x.size for x in jax.tree.leaves(state.model_params()))
+    adapters = f" ({trained:,} in LoRA adapters)" if cfg.lora_rank else ""
+    console(f"model: {total:,} parameters{adapters}, {cfg.num_layers} layers, d_model "
+            f"{cfg.d_model}, vocab {cfg.vocab_size} (tokenizer {prepared.tokenizer.vocab_size})")
     console(f"data: {len(prepared.train):,} train / {len(prepared.val):,} val tokens "
             f"({prepared.meta['dtype']} shards in {prepared.directory}); "
             f"unigram baseline {unigram:.3f} nats/token")
@@ -213,8 +229,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                 metrics = report.train(i, metrics)
             if i % t.eval_every == 0 or i == t.steps:
                 val_loss, val_tokens = evaluate(
-                    steps, state.params, val_batches(final=True) if i == t.steps else periodic_val,
-                    mesh, t.batch_size)
+                    steps, state.model_params(),
+                    val_batches(final=True) if i == t.steps else periodic_val, mesh, t.batch_size)
                 report.eval(i, val_loss, val_tokens, unigram)
             stop, save_due = decisions.stop(i), decisions.save_due(i)  # the same on every process
             if checkpointer.should_save(i) or i == t.steps or stop or save_due:
@@ -233,18 +249,32 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
 
     if start == t.steps:
         console(f"{workdir} is already at step {start} of {t.steps}: nothing to train")
-        val_loss, _ = evaluate(steps, state.params, val_batches(final=True), mesh, t.batch_size)
+        val_loss, _ = evaluate(steps, state.model_params(), val_batches(final=True), mesh,
+                               t.batch_size)
     if t.sample_length > 0:
-        prompt = tokenizers.document_ids(prepared.tokenizer, t.sample_prompt)
-        length = min(t.sample_length, cfg.context_length - 1)
-        options = sampling.SamplingOptions(temperature=t.sample_temperature, top_k=t.sample_top_k)
-        [tokens] = sampling.generate(model, state.params, [prompt[-(cfg.context_length - length):]],
-                                     length, options=options, seed=config.seed, mesh=mesh,
-                                     valid_vocab=prepared.tokenizer.vocab_size)
-        text = prepared.tokenizer.decode(tokens, skip_special_tokens=True)
-        console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{text}")
+        _sample(config, model, state.model_params(), prepared.tokenizer, mesh)
     return {"train_loss": metrics.get("loss"), "val_loss": val_loss, "unigram_baseline": unigram,
             "steps": t.steps}
+
+
+def _sample(config: ConfigDict, model: Transformer, params: Any,
+            tokenizer: tokenizers.Tokenizer, mesh: jax.sharding.Mesh) -> None:
+    """The end-of-run sample after train.sample_prompt; a chat run's answers it as a user's turn,
+    up to the end of turn."""
+    t, cfg, stop = config.train, model.cfg, None
+    if config.data.format == "chat":
+        template = chat.ChatTemplate.for_run(config.data, tokenizer)
+        prompt, stop = template.prompt_ids(t.sample_prompt), template.end_of_turn
+    else:
+        prompt = tokenizers.document_ids(tokenizer, t.sample_prompt)
+    length = min(t.sample_length, cfg.context_length - 1)
+    options = sampling.SamplingOptions(temperature=t.sample_temperature, top_k=t.sample_top_k)
+    [tokens] = sampling.generate(model, params, [prompt[-(cfg.context_length - length):]], length,
+                                 options=options, seed=config.seed, mesh=mesh, eos_id=stop,
+                                 valid_vocab=tokenizer.vocab_size)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    reply = "\n" if stop is not None else ""  # a chat's reply on a line of its own
+    console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{reply}{text}")
 
 
 def main(argv: list[str]) -> None:

@@ -16,7 +16,9 @@ In the CPU suite, the train, sample and perplexity rows have a PyTorch pair, `<r
 same shapes in HuggingFace transformers' `GPT2LMHeadModel` (float32, random weights, dropout 0,
 "sdpa" attention, PyTorch's default thread count), run in the same way and in the same run:
   train: forward with labels, backward, `clip_grad_norm_(1.0)`, AdamW (lr 1e-3, betas (0.9, 0.99),
-    weight decay 0.1) step, `zero_grad`; the Shakespeare rows use nanoGPT's shapes in GPT-2's class.
+    weight decay 0.1) step, `zero_grad`; the Shakespeare rows use nanoGPT's shapes in GPT-2's class;
+    the LoRA row trains peft's rank-8 adapters on c_attn, c_proj and c_fc (lm's: on query, key,
+    value, out, up and down), the rest frozen, the optimizer over the adapters alone.
   sample: `generate` after the lm row's 4-token prompt with exactly the lm row's new tokens
     (`min_new_tokens`), greedy or plain temperature sampling (`top_k=0`: no top-50 filter).
   perplexity: an `inference_mode` forward with the loss.
@@ -71,6 +73,7 @@ class Row:
     gpt2: tuple = ()               # torch rows: GPT2Config fields; train rows fill n_positions
     max_repeats: int = 0           # caps --repeats for slow rows (0: no cap)
     cpu_devices: int = 0           # the row's process simulates this many CPU devices (0: real ones)
+    lora_rank: int = 0             # torch_train rows: peft LoRA adapters of this rank
 
 
 _NANOGPT_6L = (("model.num_layers", 6), ("model.num_heads", 6), ("model.d_model", 384),
@@ -100,10 +103,14 @@ _TORCH_PAIRS = {
         batch=16, steps=3, max_repeats=2),
     "train_gpt2_small_8x256": Row("torch_train", gpt2=(("n_positions", 256),), batch=8, steps=1,
                                   max_repeats=2),
+    "train_gpt2_small_lora_8x256": Row("torch_train", gpt2=(("n_positions", 256),), batch=8,
+                                       steps=1, max_repeats=2, lora_rank=8),
     **{name: dataclasses.replace(row, kind="torch_sample", config="", overrides=())
        for name, row in _SAMPLING.items()},
     "perplexity_gpt2_small_8x1024": Row("torch_perplexity", batch=8, max_repeats=1),
 }
+_GPT2_8X256 = (("model.dtype", "float32"), ("model.context_length", 256), ("train.batch_size", 8),
+               ("model.remat_policy", "none"), ("model.scan_layers", False))
 CPU_ROWS = {
     "matmul_f32": Row("matmul", dtype="float32"),
     "matmul_bf16": Row("matmul", dtype="bfloat16"),
@@ -114,9 +121,12 @@ CPU_ROWS = {
     # Unrolled, as a CPU user runs it: on XLA:CPU the scanned stack copies each layer's saved
     # activations into stacked buffers and zeroes stacked gradients (temporaries 4.9 GB against
     # 3.6), and its step took 13.6 s against 11.8 s unrolled, interleaved in one process.
-    "train_gpt2_small_8x256": Row("train", "configs/gpt2_small.py", (
-        ("model.dtype", "float32"), ("model.context_length", 256), ("train.batch_size", 8),
-        ("model.remat_policy", "none"), ("model.scan_layers", False)), steps=1, max_repeats=2),
+    "train_gpt2_small_8x256": Row("train", "configs/gpt2_small.py", _GPT2_8X256, steps=1,
+                                  max_repeats=2),
+    # LoRA rank 8 on every projection (PEFT's c_attn, c_proj, c_fc), on a frozen random base.
+    "train_gpt2_small_lora_8x256": Row("train", "configs/gpt2_small.py", _GPT2_8X256 + (
+        ("lora.rank", 8), ("lora.alpha", 16.0), ("lora.targets", "query,key,value,out,up,down"),
+        ("train.init_from", "(random weights)")), steps=1, max_repeats=2),
     **_SAMPLING,
     "perplexity_gpt2_small_8x1024": Row("perplexity", "configs/gpt2_small.py", _GPT2_F32, batch=8,
                                         max_repeats=1),
@@ -232,7 +242,8 @@ def _compiled(row: Row):
     validate(config)
     mesh = sharding.make_mesh(config)
     # Character-level Shakespeare has 65 symbols; the other configs fix their vocabulary.
-    cfg = ModelConfig.from_config(config.model, config.model.vocab_size or 65)
+    cfg = ModelConfig.from_config(config.model, config.model.vocab_size or 65).adapted(
+        config.lora)
     steps = step.compile_steps(
         Transformer(cfg), optim.make_optimizer(config.optim, config.train.steps),
         optim.learning_rate_schedule(config.optim, config.train.steps), mesh, seed=0,
@@ -338,6 +349,10 @@ def train_throughput(row: Row, repeats: int) -> dict:
     rows, length = config.train.batch_size, cfg.context_length
     batch = random_batch(mesh, cfg, rows)
     state = steps.init()
+    if steps.abstract_state.frozen is not None:  # LoRA: a random frozen base
+        state = state.replace(frozen=jax.jit(lambda: jax.tree.map(
+            lambda s: (0.02 * jax.random.normal(jax.random.key(0), s.shape)).astype(s.dtype),
+            steps.abstract_state.frozen), out_shardings=steps.state_sharding.frozen)())
 
     def run_steps(count: int) -> None:
         nonlocal state
@@ -362,6 +377,7 @@ def train_throughput(row: Row, repeats: int) -> dict:
         "peak_device_memory_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 or None,
         "peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
         "batch": f"{rows}x{length}", "params_m": flops.matmul_params(cfg) / 1e6,
+        "trained_params_m": sum(x.size for x in jax.tree.leaves(steps.abstract_state.params)) / 1e6,
         "attention": cfg.attention, "device": device.device_kind,
     }
 
@@ -400,19 +416,28 @@ def torch_train_throughput(row: Row, repeats: int) -> dict:
 
     model = _torch_gpt2(row).train()
     ids = _torch_tokens(model, row.batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99),
-                                  weight_decay=0.1)
+    if row.lora_rank:  # PEFT's adapters on every projection; the rest frozen
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=row.lora_rank, lora_alpha=2 * row.lora_rank, lora_dropout=0.0, fan_in_fan_out=True,
+            target_modules=["c_attn", "c_proj", "c_fc"]))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
     def run_steps():
         for _ in range(row.steps):
             model(input_ids=ids, labels=ids).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     seconds = _median_seconds(run_steps, repeats) / row.steps
     return {"tokens_per_sec": ids.numel() / seconds, "step_ms": seconds * 1e3,
-            "batch": "x".join(map(str, ids.shape)), **_torch_details(model)}
+            "batch": "x".join(map(str, ids.shape)), "trained_params_m": sum(
+                p.numel() for p in trained) / 1e6,
+            "peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            **_torch_details(model)}
 
 
 def torch_sampling_throughput(row: Row, repeats: int) -> dict:

@@ -54,7 +54,7 @@ def test_train_binary_writes_config_metrics_events_and_tokenizer(tmp_path):
     ("--config.train.steps=abc", "--config.train.steps=abc"),
     ("--config.data.tokenizer=wordpiece", "config.data.tokenizer='wordpiece'"),
     ("--config.data.tokenizer=/no/such/spm.model", "/no/such/spm.model does not exist"),
-    ("--config.data.format=chat", "config.data.format='chat'"),
+    ("--config.data.format=xml", "config.data.format='xml'"),
     # The built-in corpus's character count depends on the Python version's stdlib docstrings.
     ("--config.model.vocab_size=100", "config.model.vocab_size=100 is smaller than the "
                                       "tokenizer's 1"),
