@@ -126,7 +126,7 @@ def default_config() -> ConfigDict:
     t.final_eval_batches = 0    # the evaluation after the last step; 0: eval_batches
     t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator table, or a measured matmul on CPU
     t.checkpoint_every = 500    # steps between saves (also saved at the end and on SIGTERM)
-    t.checkpoint_every_minutes = 0.0  # also save this often in wall time; 0: off
+    t.checkpoint_every_minutes = 0.0  # also save this often in wall time (process 0's clock); 0: off
     t.keep_checkpoints = 3      # the latest K are kept...
     t.keep_every = 0            # ...plus every M-th step when M > 0
     t.init_from = ""            # a workdir or checkpoint step directory: its params start the run

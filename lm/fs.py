@@ -37,6 +37,10 @@ _CLIENTS = {"gs": "gcsfs", "s3": "s3fs"}  # scheme -> the fsspec package that se
 # Errors of the storage clients that are not OSErrors (credentials, connections), by module.
 _CLIENT_MODULES = ("botocore", "aiobotocore", "google.auth", "google.api_core", "aiohttp",
                    "gcsfs", "s3fs")
+# TensorStore, orbax's array writer, names the operating system's error in its message (which
+# orbax re-raises as a ValueError from a background save): `Failed writing: "/path": ...
+# [os_error_code='28']`.
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
 
 
 def _fresh_listings() -> None:
@@ -134,12 +138,28 @@ def explain(error: BaseException, p: PathLike) -> str:
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return (f"{where}: no space left on the device; free space or write elsewhere (what was "
                 f"written before is intact)")
+    if getattr(error, "errno", None) == errno.EFBIG:
+        return (f"{where}: file too large for the filesystem or for this process's file-size "
+                f"limit (ulimit -f); raise the limit or write elsewhere (what was written before "
+                f"is intact)")
     return f"{where}: {reason}"
 
 
 def is_storage_error(error: BaseException) -> bool:
     """An OSError, or an error of a storage client (credentials, connection)."""
     return isinstance(error, OSError) or type(error).__module__.startswith(_CLIENT_MODULES)
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: itself, one it was raised from, or one TensorStore names."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        if code := _TENSORSTORE_OS_ERROR.search(str(error)):
+            files = re.findall(r'"(/[^"]+)"', str(error))
+            return OSError(int(code[1]), os.strerror(int(code[1])), files[-1] if files else None)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @contextlib.contextmanager
@@ -150,9 +170,10 @@ def errors(p: PathLike) -> Iterator[None]:
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001
-        if not is_storage_error(e):
+        cause = e if is_storage_error(e) else os_error(e)
+        if cause is None:
             raise
-        raise ConfigError(explain(e, p)) from None
+        raise ConfigError(explain(cause, p)) from None
 
 
 # ---------------------------------------------------------------------------------------------

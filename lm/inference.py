@@ -181,7 +181,8 @@ def load(path: str | os.PathLike, *, step: int | None = None, fsdp: int = 1, ten
     checkpoint.check_directory(path)
     workdir, step_dir = _workdir_and_step(fs.absolute(path), step)
     config = checkpoint.load_run_config(workdir)
-    config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor)
+    # The mesh is this process's, whatever the training run's was (dcn_* spanned its hosts).
+    config.mesh.update(data=-1, fsdp=fsdp, tensor=tensor, dcn_data=1, dcn_fsdp=1)
     tokenizer = tokenizers.load(workdir / "tokenizer.json")
     mesh = sharding.make_mesh(config, devices)
     cfg = ModelConfig.for_run(config, tokenizer.vocab_size, mesh.shape["tensor"])

@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,8 +23,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lm import chat, checkpoint, compilation_cache, data, distributed, flops, fs, lora_base
-from lm import prepare, sampling, sharding, step
+from lm import agreement, chat, checkpoint, compilation_cache, data, distributed, flops, fs
+from lm import lora_base, prepare, sampling, sharding, step
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError, load_config_flag, parse_flags, validate
 from lm.metrics import Reporter, console
@@ -60,9 +59,16 @@ class Preempted(Exception):
     """SIGTERM arrived; the current step was saved."""
 
 
-# Fields that fix what a checkpoint means: resuming with other values would load nonsense. (A LoRA
-# run's base, train.init_from, is checked by lm/lora_base.py.)
-_FROZEN = ("model", "data.tokenizer", "data.path", "data.chat_template", "lora")
+# Fields that fix what a checkpoint means or the structure of its state: resuming with other values
+# would load nonsense, or fail to load. (A function of the value, why) stands where only that
+# function matters. tests/test_faults.py checks that every optim field that changes the optimizer
+# state's structure is here. (A LoRA run's base, train.init_from, is checked by lm/lora_base.py.)
+_Rule = tuple[Callable[[object], object], str]
+_FROZEN: dict[str, _Rule | None] = {
+    "model": None, "data.tokenizer": None, "data.path": None, "data.chat_template": None,
+    "lora": None,
+    "optim.grad_clip": (lambda clip: clip is not None and clip > 0,
+                        " (clipping on vs off changes the optimizer state)")}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -75,20 +81,31 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_resumable(config: ConfigDict, workdir: fs.Path) -> None:
-    """Refuse a config that changes what the workdir's checkpoints mean; log harmless changes."""
-    if not fs.exists(workdir / "config.json"):
+def _what_must_stay(key: str) -> _Rule | None:
+    """(the function of `key`'s value that a resumed run must keep, why), or None: a free field."""
+    for prefix, rule in _FROZEN.items():
+        if key == prefix or key.startswith(prefix + "."):
+            return rule or (lambda value: value, "")
+    return None
+
+
+def _check_resumable(config: ConfigDict, workdir: fs.PathLike) -> None:
+    """Refuse, before anything is restored, a config that changes what the workdir's checkpoints
+    mean or the structure of their state; log harmless changes."""
+    if not fs.exists(fs.path(workdir) / "config.json"):
         return
     old = _flatten(json.loads(checkpoint.load_run_config(workdir).to_json()))
     new = _flatten(json.loads(config.to_json()))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    frozen = [k for k in changed if k.startswith(_FROZEN)]
+    frozen = [(k, rule[1]) for k in changed
+              if (rule := _what_must_stay(k)) and rule[0](old.get(k)) != rule[0](new.get(k))]
     if frozen:
+        key, why = frozen[0]
         # An adapter run's checkpoints hold adapters alone: no base to fine-tune from.
         start_from = "" if old.get("lora.rank") else (
             f", or --config.train.init_from={workdir} to fine-tune from it")
-        raise ConfigError(f"{workdir} was created with {frozen[0]}={old.get(frozen[0])!r}, not "
-                          f"{new.get(frozen[0])!r} ({len(frozen)} such fields differ); use a new "
+        raise ConfigError(f"{workdir} was created with {key}={old.get(key)!r}, not "
+                          f"{new.get(key)!r}{why} ({len(frozen)} such fields differ); use a new "
                           f"--workdir{start_from}")
     _check_decay_length(old, new)
     for key in changed:
@@ -119,15 +136,6 @@ def _check_finite(metrics, step_number: int, skip: bool) -> None:
                 f"non-finite loss or gradient at step {step_number}; nothing from this step is "
                 f"saved. Lower config.optim.learning_rate, or set config.train.skip_nonfinite=True")
         console(f"step {step_number}: non-finite loss or gradient, update skipped")
-
-
-def _catch_sigterm() -> tuple[threading.Event, Callable[[], None]]:
-    """An event set by SIGTERM (the preemption notice), and a function restoring the old handler."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        return event, lambda: None
-    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
-    return event, lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _restore_or_init(steps: step.CompiledSteps, checkpointer: checkpoint.Checkpointer,
@@ -208,7 +216,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                       flops.train_flops_per_token(cfg),
                       flops.peak_flops(list(mesh.devices.flat), t.peak_flops_per_device))
     val_loss, metrics, pending = math.nan, {}, None
-    sigterm, restore_handler = _catch_sigterm()
+    decisions = agreement.StepDecisions(t.checkpoint_every_minutes * 60)
     try:
         for i in range(start + 1, t.steps + 1):
             batch = sharding.global_batch(mesh, next(train_iter), t.batch_size)
@@ -224,16 +232,18 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                     steps, state.model_params(),
                     val_batches(final=True) if i == t.steps else periodic_val, mesh, t.batch_size)
                 report.eval(i, val_loss, val_tokens, unigram)
-            if checkpointer.should_save(i) or i == t.steps or sigterm.is_set():
+            stop, save_due = decisions.stop(i), decisions.save_due(i)  # the same on every process
+            if checkpointer.should_save(i) or i == t.steps or stop or save_due:
                 _check_finite(pending, i, t.skip_nonfinite)
                 checkpointer.save(i, state, train_iter)
-            if sigterm.is_set():
+                decisions.saved()
+            if stop:
                 checkpointer.wait()
                 raise Preempted(f"SIGTERM at step {i}: saved {checkpointer.directory / str(i)}; "
                                 f"rerun the same command to resume")
         checkpointer.wait()
     finally:
-        restore_handler()
+        decisions.close()
         report.close()
         checkpointer.close()
 
@@ -281,7 +291,7 @@ def main(argv: list[str]) -> None:
             preflight(load_config_flag(_CONFIG), _BUDGET.value)
         else:
             train_and_evaluate(load_config_flag(_CONFIG), _WORKDIR.value)
-    except (ConfigError, FloatingPointError) as e:
+    except (ConfigError, FloatingPointError, checkpoint.RestoreFailed) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # filesystem trouble outside the paths lm checks itself
         sys.exit(f"error: {fs.explain(e, e.filename or _WORKDIR.value)}")

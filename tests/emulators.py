@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -127,3 +130,96 @@ def have_s3() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) for m in ("moto", "s3fs", "flask"))
+
+
+class Outage:
+    """A TCP proxy in front of `target` (a server's http://host:port) that goes down for `seconds`
+    the first time a client sends bytes containing `trigger` (an object's name in a request, say).
+    Down, it resets every open connection and answers each request with `status` (an HTTP error,
+    then the connection closes), or resets it when `status` is 0. Real clients then meet a real
+    failure of the service."""
+
+    def __init__(self, target: str, trigger: bytes, seconds: float, status: int = 0):
+        host, port = target.split("://")[1].split(":")
+        self._target, self._trigger, self._seconds = (host, int(port)), trigger, seconds
+        body = json.dumps({"error": {"code": status, "message": "the service is down"}}).encode()
+        head = (f"HTTP/1.1 {status} Service Down\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        self._answer = head + body if status else b""
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.tripped = threading.Event()
+        self._down_until, self._open, self._lock = 0.0, set(), threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+        self._reset_all()
+
+    def _down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            if self._down():
+                threading.Thread(target=self._refuse, args=(client,), daemon=True).start()
+                continue
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._open.update((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _refuse(self, client: socket.socket) -> None:
+        """Answer the request with the error (after reading it), or reset the connection."""
+        try:
+            if self._answer:
+                client.settimeout(5)
+                client.recv(65536)
+                client.sendall(self._answer)
+                client.close()
+                return
+        except OSError:
+            pass
+        self._reset(client)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if from_client and self._trigger in data and not self.tripped.is_set():
+                    self._down_until = time.monotonic() + self._seconds
+                    self.tripped.set()
+                    with self._lock:
+                        self._open -= {source, sink}
+                    self._reset_all()
+                    self._reset(sink)
+                    if self._answer:
+                        source.sendall(self._answer)
+                        source.close()
+                    else:
+                        self._reset(source)
+                    return
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            self._reset(s)
+
+    def _reset_all(self) -> None:
+        with self._lock:
+            live, self._open = list(self._open), set()
+        for s in live:
+            self._reset(s)
+
+    @staticmethod
+    def _reset(s: socket.socket) -> None:
+        """Close with a reset (RST), as a dropped connection looks to the client."""
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        s.close()

@@ -1,6 +1,7 @@
-"""The binaries restart themselves once with an allocator that keeps freed memory, and respect a
-user's own choice of allocator."""
+"""The binaries restart themselves once with an allocator that keeps freed memory, on the CPU
+backend only, say so in one line, and respect a user's own choice of allocator or LM_ALLOCATOR."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -29,20 +30,66 @@ REUSE = ("import resource, numpy as np; np.ones(2**26, np.float32); "
 
 
 def environment(**extra) -> dict:
-    return {**{k: v for k, v in os.environ.items() if k not in CHOICES}, **extra}
+    """The tests' environment (JAX_PLATFORMS=cpu: tests/conftest.py) without allocator choices."""
+    return {**{k: v for k, v in os.environ.items() if k not in (*CHOICES, "LM_ALLOCATOR")},
+            "JAX_PLATFORMS": "cpu", **extra}
 
 
-def run(code: str, env: dict, *args: str) -> list[str]:
+def run(code: str, env: dict, *args: str, stderr: list | None = None) -> list[str]:
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    if stderr is not None:
+        stderr.extend(result.stderr.splitlines())
     return result.stdout.splitlines()
 
 
 def test_restart_happens_once_with_the_allocator_and_the_same_arguments():
     settings = allocator.environment(environment())
     expected = str([settings.get(k) for k in CHOICES])
-    assert run(PROBE, environment(), "a", "--b=1") == ["start", "start", f"{expected} ['a', '--b=1']"]
+    stderr = []
+    assert run(PROBE, environment(), "a", "--b=1", stderr=stderr) == [
+        "start", "start", f"{expected} ['a', '--b=1']"]
+    assert len(stderr) == 1 and stderr[0].startswith("lm: restarting once with ")
+    assert stderr[0].endswith("(LM_ALLOCATOR=off skips this)")
+
+
+@pytest.mark.parametrize("env, devices, restarts", [
+    ({"JAX_PLATFORMS": "cpu"}, ["nvidia0"], True),  # told: the CPU, whatever the host has
+    ({"JAX_PLATFORMS": "cuda"}, [], False),
+    ({"JAX_PLATFORMS": "tpu,cpu"}, [], False),
+    ({}, [], True),
+    ({}, ["nvidiactl", "nvidia0"], False),
+    ({}, ["kfd"], False),
+    ({}, ["accel0"], False),  # TPU v4
+    ({}, ["vfio/vfio", "vfio/0"], False),  # TPU v5 and later
+    ({}, ["vfio/vfio"], True),  # the VFIO control node alone is no accelerator
+    ({"LM_ALLOCATOR": "off", "JAX_PLATFORMS": "cpu"}, [], False),
+    ({"LM_ALLOCATOR": "on", "JAX_PLATFORMS": "tpu"}, [], True),
+], ids=["JAX_PLATFORMS=cpu", "JAX_PLATFORMS=cuda", "JAX_PLATFORMS=tpu,cpu", "no accelerator",
+        "NVIDIA GPU", "AMD GPU", "TPU v4", "TPU v5", "VFIO alone", "LM_ALLOCATOR=off",
+        "LM_ALLOCATOR=on"])
+def test_the_allocator_is_chosen_only_for_the_cpu_backend_unless_told(tmp_path, env, devices,
+                                                                      restarts):
+    if not env and restarts and importlib.util.find_spec("libtpu") is not None:
+        pytest.skip("libtpu is installed: a TPU host")
+    for device in devices:
+        (tmp_path / device).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / device).touch()
+    base = {k: v for k, v in environment().items() if k != "JAX_PLATFORMS"}
+    chosen = allocator.environment({**base, **env}, jemalloc=None, devices=str(tmp_path))
+    assert (chosen != {**base, **env}) == restarts
+
+
+def test_off_or_another_backend_starts_without_a_restart_and_a_bad_value_is_one_line():
+    for env in (environment(LM_ALLOCATOR="off"), environment(JAX_PLATFORMS="tpu")):
+        stderr = []
+        assert run(PROBE, env, "a", stderr=stderr)[0:2] == ["start", f"{[None] * 3} ['a']"]
+        assert not any("restarting" in line for line in stderr)
+    result = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True,
+                            env=environment(LM_ALLOCATOR="yes"), text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "error: LM_ALLOCATOR='yes' is not one of auto, on, off"
 
 
 @pytest.mark.parametrize("choice", [{"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},

@@ -7,6 +7,7 @@ clients' own environment variables, exactly as it reaches a real bucket.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -280,5 +281,53 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_its_checkpoints(pod, 
                                f"device; free space or write elsewhere (what was written before "
                                f"is intact)")
     assert "resumed from step 24" in full.stdout
+    assert checkpoint_steps(workdir) == before
+    assert_trees_close(params(workdir), params(pod["local"]))
+
+
+def restricted(command: list[str], setup: str) -> list[str]:
+    """`command`, run by a Python process that first runs `setup` on itself (limits, capabilities,
+    which survive exec) and then becomes `command`."""
+    return [sys.executable, "-c", f"import os, sys; {setup}; os.execv(sys.argv[1], sys.argv[1:])",
+            *command]
+
+
+# CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER let root ignore file permissions. Dropped
+# from the bounding set (prctl PR_CAPBSET_DROP), they are gone after exec, so that permissions
+# apply to root too; as any other user the call fails and changes nothing.
+NO_ROOT_OVERRIDES = "import ctypes; [ctypes.CDLL(None).prctl(24, c, 0, 0, 0) for c in (1, 2, 3)]"
+# Files may grow to 32 KiB: the run's logs fit, a checkpoint's array data does not (EFBIG, as past a
+# filesystem's largest file; a full disk's ENOSPC takes the same path; Python ignores SIGXFSZ).
+SMALL_FILES = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (2**15, 2**15))"
+SAVE_FAILS = {
+    "no permission": (NO_ROOT_OVERRIDES, r"25\.orbax-checkpoint-tmp: permission denied \(\[Errno "
+                      r"13\] Permission denied: '.*'\); fix its permissions or choose another "
+                      r"path"),
+    "file too large": (SMALL_FILES, r"25\.orbax-checkpoint-tmp/\S+: file too large for the "
+                       r"filesystem or for this process's file-size limit \(ulimit -f\); raise the "
+                       r"limit or write elsewhere \(what was written before is intact\)")}
+
+
+@pytest.mark.parametrize("fault", list(SAVE_FAILS))
+def test_a_checkpoint_save_that_storage_refuses_stops_the_run_with_one_line_and_keeps_the_rest(
+        pod, env, tmp_path, fault):
+    setup, message = SAVE_FAILS[fault]
+    workdir = tmp_path / "run"
+    shutil.copytree(pod["local"], workdir)
+    before = checkpoint_steps(workdir)
+    if fault == "no permission":
+        (workdir / "checkpoints").chmod(0o555)
+        probe = [sys.executable, "-c", f"open({str(workdir / 'checkpoints' / 'probe')!r}, 'w')"]
+        if subprocess.run(restricted(probe, setup), capture_output=True).returncode == 0:
+            pytest.skip("file permissions do not apply here (root that cannot drop capabilities)")
+    failed = run(restricted(train_command(workdir, pod["data"], **{"train.steps": 25}), setup), env)
+    (workdir / "checkpoints").chmod(0o755)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    # Orbax logs the failed background write before the line, and TensorStore's writes still in
+    # flight may print tracebacks ("Event loop is closed") around it, even ahead of its newline.
+    lines = re.findall(f"error: {re.escape(str(workdir / 'checkpoints'))}/{message}",
+                       failed.stderr)
+    assert len(lines) == 1 and failed.stderr.count("error: ") == 1, failed.stderr[-3000:]
+    assert "resumed from step 24" in failed.stdout
     assert checkpoint_steps(workdir) == before
     assert_trees_close(params(workdir), params(pod["local"]))
