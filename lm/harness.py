@@ -172,8 +172,9 @@ class LmHarness(TemplateLM):
         width = scoring.bucket(max(map(len, prompts)), settings.max_context)
         tokens = self.run.generate_tokens(prompts, settings.max_new, options=settings.options,
                                           seed=self.seed, pad_to=width)
-        return [postprocess_generated_text(self.run.tokenizer.decode(t), settings.until, None)
-                for t in tokens]
+        # Special tokens' text left out, as the HF backend decodes (skip_special_tokens=True).
+        return [postprocess_generated_text(self.run.tokenizer.decode(t, skip_special_tokens=True),
+                                           settings.until, None) for t in tokens]
 
     def get_model_info(self) -> dict:
         return {"lm_step": self.run.step, "lm_context_length": self.window}
