@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -24,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from ml_collections import ConfigDict
 
-from lm import agreement, fs
+from lm import agreement, fs, orbax_s3
 from lm.config import ConfigError, over_defaults
 from lm.metrics import console
 from lm.step import TrainState
@@ -61,6 +62,10 @@ def is_damage(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+# A step's folder: its final name, or orbax's temporary name while a save writes it locally.
+_STEP_FOLDER = re.compile(r"(\d+)(\.orbax-checkpoint-tmp.*)?$")
 
 
 def _first_line(error: BaseException) -> str:
@@ -168,8 +173,20 @@ class Checkpointer:
                 and (self.directory / str(s) / "opt_state").exists()])
             if reason:
                 _warn(f"cannot list the checkpoints in {self.directory}: {reason}")
+            elif below is None:
+                self._say_unfinished(max(steps, default=-1))
             step = _UNLISTED if steps is None else (steps[-1] if steps else _NO_STEP)
         return agreement.broadcast(step), reason
+
+    def _say_unfinished(self, newest: int) -> None:
+        """Name the saves newer than the newest finished step that never finished (a run killed
+        mid-save): they are passed over, and the run's own save of that step replaces them."""
+        listed, _, reason = _attempt(lambda: [p.name for p in fs.listdir(self.directory)])
+        unfinished = sorted({int(m.group(1)) for name in listed or []
+                             if (m := _STEP_FOLDER.match(name)) and int(m.group(1)) > newest})
+        if unfinished:
+            console(f"checkpoint {', '.join(map(str, unfinished))} in {self.directory}: a save that "
+                    f"never finished (the run stopped during it), passed over")
 
     def _agreed_read(self, step: int, abstract_state: TrainState, data_iter: Any
                      ) -> tuple[list[int], TrainState | None, Any, str]:
@@ -327,13 +344,13 @@ def _warn(message: str) -> None:
 
 
 def check_directory(path: str | os.PathLike) -> None:
-    """Refuse, before any work, a place orbax cannot checkpoint to: orbax writes arrays through
-    tensorstore, and builds tensorstore's path for gs:// and local paths only (an s3:// path is
-    collapsed to `s3:/...` and rejected as relative, orbax 0.12.8)."""
-    if fs.is_remote(path) and fs.scheme(path) != "gs":
-        raise ConfigError(f"{os.fspath(path)}: orbax cannot write or read checkpoints at "
-                          f"{fs.scheme(path)}:// paths (it supports gs:// and local paths); use a "
-                          f"gs:// or local --workdir (data, tokenizers and exports may stay there)")
+    """Refuse, before any work, a place orbax cannot checkpoint to: orbax writes gs:// and local
+    paths, and s3:// once lm.orbax_s3 has taught it (an orbax without the places it extends
+    collapses an s3:// path to `s3:/...` and refuses it as relative)."""
+    if fs.scheme(path) == "s3" and not orbax_s3.install():
+        raise ConfigError(f"{os.fspath(path)}: this orbax ({ocp.__version__}) cannot write or "
+                          f"read checkpoints at s3:// paths; use a gs:// or local --workdir, or "
+                          f"orbax-checkpoint 0.12 (data, tokenizers and exports may stay on s3://)")
 
 
 def load_run_config(workdir: fs.PathLike) -> ConfigDict:

@@ -47,8 +47,7 @@ def _wait_until_answers(url: str, process: subprocess.Popen, timeout: float = 60
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}: "
-                               f"{process.stderr.read().decode(errors='replace')[-2000:]}")
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return
@@ -62,10 +61,16 @@ def _wait_until_answers(url: str, process: subprocess.Popen, timeout: float = 60
 @contextlib.contextmanager
 def _running(command: list[str], probe: str, env: dict[str, str] | None = None
              ) -> Iterator[subprocess.Popen]:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env=env)
+    # The server's log goes to a file: a pipe nobody reads fills up with one line per request
+    # (moto's), and the server then blocks in the middle of a request.
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        _wait_until_answers(probe, process)
+        try:
+            _wait_until_answers(probe, process)
+        except RuntimeError as e:
+            log.seek(0)
+            raise RuntimeError(f"{e}: {log.read().decode(errors='replace')[-2000:]}") from None
         yield process
     finally:
         process.terminate()
@@ -74,6 +79,7 @@ def _running(command: list[str], probe: str, env: dict[str, str] | None = None
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        log.close()
 
 
 def fake_gcs_server_binary() -> Path | None:

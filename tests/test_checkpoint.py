@@ -98,10 +98,14 @@ def test_sigkill_mid_run_then_rerun_finishes_with_the_uninterrupted_loss(
              and any(p.name.isdigit() for p in checkpoints.iterdir()), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    unfinished = sorted(int(p.name.split(".")[0]) for p in checkpoints.iterdir()
+                        if ".orbax-checkpoint-tmp" in p.name)
     rerun = run_train(workdir, corpus, 40, "--config.train.checkpoint_every=3")
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     assert "resumed from step" in out
+    # A save the kill cut short is named as passed over, not silently ignored.
+    assert ("a save that never finished" in out) == bool(unfinished), (unfinished, out[:2000])
     assert losses(workdir)[40] == losses(uninterrupted)[40]
 
 

@@ -23,7 +23,7 @@ from configs import llama_1b
 from trees import assert_trees_close
 
 import lm
-from lm import fs, hf, metrics, prepare
+from lm import fs, hf, metrics, orbax_s3, prepare
 from lm.config import ConfigError
 from lm.train import train_and_evaluate
 
@@ -80,12 +80,34 @@ def checkpoint_steps(workdir) -> list[int]:
     return [int(p.name) for p in fs.listdir(fs.path(workdir) / "checkpoints") if p.name.isdigit()]
 
 
+def committed_steps(workdir) -> list[int]:
+    """The steps whose save finished: in a bucket, orbax writes commit_success.txt last."""
+    return [s for s in checkpoint_steps(workdir)
+            if fs.exists(f"{workdir}/checkpoints/{s}/commit_success.txt")]
+
+
 def params(workdir):
     return jax.device_get(lm.load(workdir).params)
 
 
 def resumed_from(result: subprocess.CompletedProcess) -> int:
     return int(result.stdout.split("resumed from step ")[1].split()[0])
+
+
+def killed_after_step_10(command: list[str], workdir: str, env: dict) -> None:
+    """Start the run and SIGKILL it once it has printed step 10 (its output, not its metrics.jsonl:
+    an object being appended to cannot be read while it changes) and committed a checkpoint."""
+    killed = subprocess.Popen(command, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline, step = time.time() + 300, 0
+    while not (step >= 10 and committed_steps(workdir)):
+        line = killed.stdout.readline()
+        assert line or killed.poll() is None, "the run ended before step 10"
+        assert time.time() < deadline, "the run did not reach step 10"
+        if match := re.match(r"step (\d+)/", line):
+            step = int(match.group(1))
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,18 +125,9 @@ def pod(gcs_server, env, tmp_path_factory):
                                           "train.checkpoint_every": 1000}), env)
 
     workdir = "gs://my-bucket/runs/llama"
-    killed = subprocess.Popen(train_command(workdir, data, **{"data.shard_cache_dir": cache}),
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    deadline = time.time() + 300
-    while not (fs.exists(f"{workdir}/metrics.jsonl") and max(losses(workdir), default=0) >= 10
-               and checkpoint_steps(workdir)):
-        assert killed.poll() is None, killed.communicate()
-        assert time.time() < deadline, "the run did not reach step 10"
-        time.sleep(0.1)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    rerun = run(train_command(workdir, data, **{"data.shard_cache_dir": cache}), env)
+    command = train_command(workdir, data, **{"data.shard_cache_dir": cache})
+    killed_after_step_10(command, workdir, env)
+    rerun = run(command, env)
     return {"workdir": workdir, "local": local, "data": data, "rerun": rerun}
 
 
@@ -177,7 +190,7 @@ def test_hf_export_of_a_gs_workdir_into_the_bucket_matches_a_local_export(pod, t
 
 
 # ---------------------------------------------------------------------------------------------
-# s3://: data, prepared shards, tokenizers and exports (orbax cannot checkpoint there).
+# s3://: a run in the bucket on data prepared there, and tokenizers trained there.
 
 @pytest.fixture(scope="module")
 def s3_corpus(s3_server):
@@ -185,7 +198,7 @@ def s3_corpus(s3_server):
     return "s3://bucket/corpus"
 
 
-def test_training_on_s3_data_prepared_into_s3_resumes_bitwise_reading_shards_by_ranges(
+def test_an_s3_run_on_data_prepared_into_s3_killed_and_rerun_continues_bitwise(
         s3_corpus, pod, env, tmp_path):
     prepared, data = "s3://bucket/prepared/words", llama_1b.get_config().data
     data.path = s3_corpus
@@ -197,30 +210,37 @@ def test_training_on_s3_data_prepared_into_s3_resumes_bitwise_reading_shards_by_
     local = prepare.load(fs.path(pod["local"]) / "data").train  # the same corpus, from gs://
     assert np.array_equal(stream.window(100, 5000)["tokens"], local.window(100, 5000)["tokens"])
 
-    workdir, ranged = tmp_path / "run", {"data.shard_cache_dir": "", "train.checkpoint_every": 12}
-    trained(train_command(workdir, prepared, **ranged, **{"train.steps": 12}), env)
-    rerun = trained(train_command(workdir, prepared, **ranged), env)
-    assert resumed_from(rerun) == 12
-    assert [losses(workdir)[s] for s in range(13, 25)] == [
-        losses(pod["local"])[s] for s in range(13, 25)]
+    # Checkpoints every 6 steps, the latest 2 kept: steps are saved, committed and deleted in S3.
+    workdir = "s3://bucket/runs/llama"
+    command = train_command(workdir, prepared, **{"data.shard_cache_dir": "",
+                                                  "train.checkpoint_every": 6,
+                                                  "train.keep_checkpoints": 2})
+    killed_after_step_10(command, workdir, env)
+    rerun = trained(command, env)
+    assert 0 < resumed_from(rerun) < 24
+    start = resumed_from(rerun)
+    assert [losses(workdir)[s] for s in range(start + 1, 25)] == [
+        losses(pod["local"])[s] for s in range(start + 1, 25)]
+    assert sorted(checkpoint_steps(workdir)) == [18, 24]
     assert_trees_close(params(workdir), params(pod["local"]))
+    assert not (ROOT / "s3:").exists()
 
     hf.export_checkpoint(workdir, "s3://bucket/hf/llama")
-    hf.export_checkpoint(workdir, tmp_path / "hf")
+    hf.export_checkpoint(pod["local"], tmp_path / "hf")
     assert fs.read_bytes("s3://bucket/hf/llama/model.safetensors") == (
         tmp_path / "hf" / "model.safetensors").read_bytes()
 
 
-def test_an_s3_workdir_is_refused_before_any_work_because_orbax_cannot_checkpoint_there(
-        s3_corpus):
+def test_an_s3_workdir_is_refused_before_any_work_by_an_orbax_lm_cannot_extend(
+        s3_corpus, monkeypatch):
+    monkeypatch.setattr(orbax_s3, "_installed", False)  # as when orbax moved the places it patches
     config = llama_1b.get_config()
     config.data.path = s3_corpus
-    with pytest.raises(ConfigError, match="^s3://bucket/run: orbax cannot write or read "
-                                          "checkpoints at s3:// paths"):
-        train_and_evaluate(config, "s3://bucket/run")
-    assert not fs.exists("s3://bucket/run")
-    with pytest.raises(ConfigError, match="orbax cannot"):
-        lm.load("s3://bucket/run")
+    with pytest.raises(ConfigError, match=r"^s3://bucket/refused: this orbax \(.*\) cannot write "
+                                          r"or read checkpoints at s3:// paths; use a gs:// or "
+                                          r"local --workdir"):
+        train_and_evaluate(config, "s3://bucket/refused")
+    assert not fs.exists("s3://bucket/refused")
 
 
 def test_sentencepiece_trains_on_s3_text_and_writes_its_model_there(s3_corpus, env):
