@@ -163,6 +163,20 @@ def _restore_or_init(steps: step.CompiledSteps, checkpointer: checkpoint.Checkpo
     return state
 
 
+def _close_all(closers: tuple[Callable[[], None], ...], report_errors: bool = True) -> None:
+    """Call every closer, even after one fails, then raise the first error, unless the run is
+    already failing: its own error is the one to report (a bucket that refused a checkpoint
+    refuses the metrics' last upload too, which would hide the cause behind a consequence)."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 (raised below)
+            first = first or e
+    if first is not None and report_errors:
+        raise first
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Train `config` into `workdir`, resuming from its latest checkpoint if it has one.
 
@@ -217,6 +231,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                       flops.peak_flops(list(mesh.devices.flat), t.peak_flops_per_device))
     val_loss, metrics, pending = math.nan, {}, None
     decisions = agreement.StepDecisions(t.checkpoint_every_minutes * 60)
+    closers = (decisions.close, report.close, checkpointer.close)
     try:
         for i in range(start + 1, t.steps + 1):
             batch = sharding.global_batch(mesh, next(train_iter), t.batch_size)
@@ -242,10 +257,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                 raise Preempted(f"SIGTERM at step {i}: saved {checkpointer.directory / str(i)}; "
                                 f"rerun the same command to resume")
         checkpointer.wait()
-    finally:
-        decisions.close()
-        report.close()
-        checkpointer.close()
+    except BaseException as e:
+        _close_all(closers, report_errors=isinstance(e, Preempted))
+        raise
+    _close_all(closers)
 
     if start == t.steps:
         console(f"{workdir} is already at step {start} of {t.steps}: nothing to train")
