@@ -12,12 +12,13 @@ if __name__ == "__main__":  # before the imports below, which a restart would pa
     allocator.restart_with_retained_memory()
 
 import json
+import logging as python_logging
 import math
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import jax
 from absl import app, flags, logging
@@ -292,6 +293,14 @@ def _sample(config: ConfigDict, model: Transformer, params: Any,
     console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{reply}{text}")
 
 
+def _exit(message: str) -> NoReturn:
+    """Exit with `message` as the last line. asyncio would report, as the interpreter shuts down,
+    each future that a failed save abandoned (orbax's TensorStore writes, refused by the same
+    storage): the same error again, as tracebacks after the line."""
+    python_logging.getLogger("asyncio").setLevel(python_logging.CRITICAL)
+    sys.exit(message)
+
+
 def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise to a user
@@ -307,9 +316,9 @@ def main(argv: list[str]) -> None:
         else:
             train_and_evaluate(load_config_flag(_CONFIG), _WORKDIR.value)
     except (ConfigError, FloatingPointError, checkpoint.RestoreFailed) as e:
-        sys.exit(f"error: {e}")
+        _exit(f"error: {e}")
     except OSError as e:  # filesystem trouble outside the paths lm checks itself
-        sys.exit(f"error: {fs.explain(e, e.filename or _WORKDIR.value)}")
+        _exit(f"error: {fs.explain(e, e.filename or _WORKDIR.value)}")
     except Preempted as e:
         console(str(e))
         sys.exit(128 + signal.SIGTERM)
