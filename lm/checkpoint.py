@@ -87,6 +87,7 @@ class Checkpointer:
         check_directory(directory)
         self.directory = fs.absolute(directory)
         self._every = train.checkpoint_every
+        self._saving = self.directory  # the step directory of the latest save, for its errors
         self._attempts, self._backoff = attempts, backoff_seconds
         self._handler = ocp.StandardCheckpointHandler()
         # Saves are decided here and in agreement.StepDecisions, not by orbax's policies.
@@ -108,7 +109,9 @@ class Checkpointer:
         """Start saving `state` (at `step`); returns at once while the write continues behind."""
         if step in self._manager.all_steps():
             return
-        with fs.errors(self.directory):  # this save's, or the previous one's (a full disk)
+        self.wait()  # orbax waits for the previous save too; its error is named for its own step
+        self._saving = self.directory / str(step)
+        with fs.errors(self._saving, writing=True):
             self._manager.save(step, force=True, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 opt_state=ocp.args.StandardSave(state.opt_state),
@@ -271,12 +274,12 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending saves are on disk; re-raises a background save's error."""
-        with fs.errors(self.directory):
+        with fs.errors(self._saving, writing=True):
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
 
     def close(self) -> None:
-        with fs.errors(self.directory):
+        with fs.errors(self._saving, writing=True):
             self._manager.close()
 
 
@@ -377,12 +380,21 @@ def step_directory(path: str | os.PathLike) -> fs.Path:
     if fs.is_dir(path / "checkpoints"):
         path = path / "checkpoints"
     if not fs.is_dir(path / "params"):
-        steps = sorted((int(p.name) for p in fs.listdir(path) if p.name.isdigit()), reverse=True)
+        steps = saved_steps(path)
         if not steps:
             raise ConfigError(f"{path}: no checkpoint found; pass a workdir with checkpoints or a "
                               f"checkpoint step directory")
-        path = path / str(steps[0])
+        path = path / str(steps[-1])
     return path
+
+
+def saved_steps(directory: fs.Path) -> list[int]:
+    """The steps saved whole in a `checkpoints/` directory, ascending. In a bucket, which has no
+    atomic rename, orbax writes a step's directory in place and marks it complete last: a save
+    that failed there (a bucket that refused it) leaves a directory that is no checkpoint."""
+    with fs.errors(directory):
+        return sorted(int(p.name) for p in fs.listdir(directory)
+                      if p.name.isdigit() and ocp.step.is_path_finalized(p))
 
 
 def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:

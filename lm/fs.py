@@ -41,6 +41,11 @@ _CLIENT_MODULES = ("botocore", "aiobotocore", "google.auth", "google.api_core", 
 # orbax re-raises as a ValueError from a background save): `Failed writing: "/path": ...
 # [os_error_code='28']`.
 _TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+# A request the storage service refused names its absl status code first and the HTTP status
+# among its payloads: `PERMISSION_DENIED: Error writing ... at gs://...: <the service's message>
+# [http_response_body='...'] [http_response_code='403']`.
+_TENSORSTORE_DENIED = ("PERMISSION_DENIED: ", "UNAUTHENTICATED: ")
+_HTTP_STATUS = re.compile(r"http_response_code='?(\d+)")
 
 
 def _fresh_listings() -> None:
@@ -115,11 +120,22 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def explain(error: BaseException, p: PathLike) -> str:
-    """One line naming the path, what is wrong with it and the fix."""
+def _refusal(error: BaseException) -> str:
+    """What a storage service said when it refused a request, as one line: gcsfs raises
+    `Forbidden: <url>` with the service's message on the next line; os_error() keeps TensorStore's.
+    """
+    lines = str(error).strip().splitlines()
+    if lines and lines[0].startswith("Forbidden"):
+        return f"HTTP 403: {' '.join(lines[1:])}" if lines[1:] else "HTTP 403 Forbidden"
+    return first_line(error)
+
+
+def explain(error: BaseException, p: PathLike, writing: bool = False) -> str:
+    """One line naming the path, what is wrong with it and the fix (`writing`: the operation
+    wrote there, so the fix for a refusal is write access)."""
     local_name = getattr(error, "filename", None)
     where = os.fspath(local_name) if local_name and not is_remote(p) else os.fspath(p)
-    reason = first_line(error)
+    reason = _refusal(error) if is_remote(p) else first_line(error)
     if isinstance(error, FileNotFoundError):
         missing = _missing_bucket(p)
         if missing:
@@ -131,9 +147,15 @@ def explain(error: BaseException, p: PathLike) -> str:
     if isinstance(error, (NotADirectoryError, FileExistsError)):
         return (f"{where} exists and is a file where a directory is needed; remove it, or pass "
                 f"another path")
-    if isinstance(error, PermissionError) or reason.startswith("Forbidden"):
-        fix = ("check the credentials the storage client uses (docs/scaling.md) and the bucket's "
-               "permissions" if is_remote(p) else "fix its permissions or choose another path")
+    if isinstance(error, PermissionError) or reason.startswith(("Forbidden", "HTTP 403")):
+        if not is_remote(p):
+            fix = "fix its permissions or choose another path"
+        elif writing:
+            fix = ("grant the credentials the storage client uses (docs/scaling.md) write access "
+                   "to the bucket, or write elsewhere (what was written before is intact)")
+        else:
+            fix = ("check the credentials the storage client uses (docs/scaling.md) and the "
+                   "bucket's permissions")
         return f"{where}: permission denied ({reason}); {fix}"
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return (f"{where}: no space left on the device; free space or write elsewhere (what was "
@@ -151,20 +173,27 @@ def is_storage_error(error: BaseException) -> bool:
 
 
 def os_error(error: BaseException) -> OSError | None:
-    """The OSError behind `error`: itself, one it was raised from, or one TensorStore names."""
+    """The OSError behind `error`: itself, one it was raised from, or one TensorStore names (an
+    operating system's error, or a storage service's refusal as a PermissionError)."""
     while error is not None:
         if isinstance(error, OSError):
             return error
-        if code := _TENSORSTORE_OS_ERROR.search(str(error)):
-            files = re.findall(r'"(/[^"]+)"', str(error))
+        text = str(error)
+        if code := _TENSORSTORE_OS_ERROR.search(text):
+            files = re.findall(r'"(/[^"]+)"', text)
             return OSError(int(code[1]), os.strerror(int(code[1])), files[-1] if files else None)
+        if text.startswith(_TENSORSTORE_DENIED):
+            said = text.split(" [", 1)[0].rsplit(": ", 1)[-1]  # the service's own message
+            status = _HTTP_STATUS.search(text)
+            return PermissionError(f"HTTP {status[1] if status else 403}: {said}")
         error = error.__cause__ or error.__context__
     return None
 
 
 @contextlib.contextmanager
-def errors(p: PathLike) -> Iterator[None]:
-    """Turn filesystem and storage-client errors raised inside into a ConfigError about `p`."""
+def errors(p: PathLike, writing: bool = False) -> Iterator[None]:
+    """Turn filesystem and storage-client errors raised inside into a ConfigError about `p`
+    (`writing`: the operation inside writes to `p`, which a refusal's fix names)."""
     try:
         yield
     except ConfigError:
@@ -173,7 +202,7 @@ def errors(p: PathLike) -> Iterator[None]:
         cause = e if is_storage_error(e) else os_error(e)
         if cause is None:
             raise
-        raise ConfigError(explain(cause, p)) from None
+        raise ConfigError(explain(cause, p, writing)) from None
 
 
 # ---------------------------------------------------------------------------------------------

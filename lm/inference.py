@@ -156,8 +156,8 @@ def _workdir_and_step(path: fs.Path, step: int | None) -> tuple[fs.Path, fs.Path
     if not fs.is_file(path / "config.json"):
         raise ConfigError(f"{path} is not a run's workdir (no config.json) nor a checkpoint step "
                           f"directory; pass the --workdir a training run wrote")
-    steps = sorted(int(p.name) for p in fs.listdir(path / "checkpoints")
-                   if p.name.isdigit() and fs.is_dir(p / "params"))
+    steps = [s for s in checkpoint.saved_steps(path / "checkpoints")
+             if fs.is_dir(path / "checkpoints" / str(s) / "params")]
     if not steps:
         raise ConfigError(f"{path} has no checkpoint yet; train it first, or wait for its first "
                           f"save (config.train.checkpoint_every)")

@@ -12,6 +12,7 @@ import jax
 from tqdm import tqdm
 
 from lm import fs
+from lm.config import ConfigError
 
 
 def console(message: str) -> None:
@@ -27,12 +28,20 @@ class _EventFile:
 
     def __init__(self, path: str):
         self.path, self._records = path, bytearray()
+        self.error: ConfigError | None = None  # of the latest flush; MetricsWriter.close raises it
 
     def write(self, data: bytes) -> None:
         self._records += data
 
     def flush(self) -> None:
-        fs.write_bytes(self.path, bytes(self._records))
+        """Upload the records so far. A failure is kept rather than raised: tensorboardX flushes
+        from its own thread and again at exit, where it would print tracebacks (and, left
+        unclosed, flush again); a later flush that succeeds uploads everything."""
+        try:
+            fs.write_bytes(self.path, bytes(self._records))
+            self.error = None
+        except ConfigError as e:
+            self.error = e
 
     def close(self) -> None:
         self.flush()
@@ -42,8 +51,12 @@ class _EventFiles:
     """tensorboardX's writer factory interface, for gs:// and s3:// log directories (its own
     factories need google-cloud-storage, or boto3 and another endpoint variable)."""
 
+    def __init__(self):
+        self.opened: list[_EventFile] = []
+
     def open(self, path: str) -> _EventFile:
-        return _EventFile(path)
+        self.opened.append(_EventFile(path))
+        return self.opened[-1]
 
     def directory_check(self, path: str) -> None:
         fs.makedirs(path)
@@ -65,10 +78,10 @@ def import_tensorboardx():
     return tensorboardX
 
 
-def _summary_writer(logdir: str):
+def _summary_writer(logdir: str, files: _EventFiles):
     tensorboardX = import_tensorboardx()
     for scheme in ("gs", "s3"):
-        tensorboardX.record_writer.register_writer_factory(scheme, _EventFiles())
+        tensorboardX.record_writer.register_writer_factory(scheme, files)
     return tensorboardX.SummaryWriter(logdir)
 
 
@@ -79,8 +92,9 @@ class MetricsWriter:
         self._enabled = jax.process_index() == 0
         if self._enabled:
             self._jsonl = fs.AppendFile(fs.path(workdir) / "metrics.jsonl")
+            self._event_files = _EventFiles()  # a bucket's; a local logdir needs none
             with fs.errors(workdir):
-                self._tensorboard = _summary_writer(os.fspath(workdir))
+                self._tensorboard = _summary_writer(os.fspath(workdir), self._event_files)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self._enabled:
@@ -92,8 +106,13 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self._enabled:
-            self._jsonl.close()
-            self._tensorboard.close()
+            try:
+                self._jsonl.close()
+            finally:
+                self._tensorboard.close()
+            for events in self._event_files.opened:
+                if events.error is not None:
+                    raise events.error
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

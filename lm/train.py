@@ -12,12 +12,13 @@ if __name__ == "__main__":  # before the imports below, which a restart would pa
     allocator.restart_with_retained_memory()
 
 import json
+import logging as python_logging
 import math
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import jax
 from absl import app, flags, logging
@@ -163,6 +164,20 @@ def _restore_or_init(steps: step.CompiledSteps, checkpointer: checkpoint.Checkpo
     return state
 
 
+def _close_all(closers: tuple[Callable[[], None], ...], report_errors: bool = True) -> None:
+    """Call every closer, even after one fails, then raise the first error, unless the run is
+    already failing: its own error is the one to report (a bucket that refused a checkpoint
+    refuses the metrics' last upload too, which would hide the cause behind a consequence)."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 (raised below)
+            first = first or e
+    if first is not None and report_errors:
+        raise first
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Train `config` into `workdir`, resuming from its latest checkpoint if it has one.
 
@@ -217,6 +232,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                       flops.peak_flops(list(mesh.devices.flat), t.peak_flops_per_device))
     val_loss, metrics, pending = math.nan, {}, None
     decisions = agreement.StepDecisions(t.checkpoint_every_minutes * 60)
+    closers = (decisions.close, report.close, checkpointer.close)
     try:
         for i in range(start + 1, t.steps + 1):
             batch = sharding.global_batch(mesh, next(train_iter), t.batch_size)
@@ -242,10 +258,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict[s
                 raise Preempted(f"SIGTERM at step {i}: saved {checkpointer.directory / str(i)}; "
                                 f"rerun the same command to resume")
         checkpointer.wait()
-    finally:
-        decisions.close()
-        report.close()
-        checkpointer.close()
+    except BaseException as e:
+        _close_all(closers, report_errors=isinstance(e, Preempted))
+        raise
+    _close_all(closers)
 
     if start == t.steps:
         console(f"{workdir} is already at step {start} of {t.steps}: nothing to train")
@@ -277,6 +293,14 @@ def _sample(config: ConfigDict, model: Transformer, params: Any,
     console(f"sample ({length} tokens after {t.sample_prompt!r}):\n{t.sample_prompt}{reply}{text}")
 
 
+def _exit(message: str) -> NoReturn:
+    """Exit with `message` as the last line. asyncio would report, as the interpreter shuts down,
+    each future that a failed save abandoned (orbax's TensorStore writes, refused by the same
+    storage): the same error again, as tracebacks after the line."""
+    python_logging.getLogger("asyncio").setLevel(python_logging.CRITICAL)
+    sys.exit(message)
+
+
 def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise to a user
@@ -292,9 +316,9 @@ def main(argv: list[str]) -> None:
         else:
             train_and_evaluate(load_config_flag(_CONFIG), _WORKDIR.value)
     except (ConfigError, FloatingPointError, checkpoint.RestoreFailed) as e:
-        sys.exit(f"error: {e}")
+        _exit(f"error: {e}")
     except OSError as e:  # filesystem trouble outside the paths lm checks itself
-        sys.exit(f"error: {fs.explain(e, e.filename or _WORKDIR.value)}")
+        _exit(f"error: {fs.explain(e, e.filename or _WORKDIR.value)}")
     except Preempted as e:
         console(str(e))
         sys.exit(128 + signal.SIGTERM)

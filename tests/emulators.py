@@ -142,13 +142,14 @@ class Outage:
     """A TCP proxy in front of `target` (a server's http://host:port) that goes down for `seconds`
     the first time a client sends bytes containing `trigger` (an object's name in a request, say).
     Down, it resets every open connection and answers each request with `status` (an HTTP error,
-    then the connection closes), or resets it when `status` is 0. Real clients then meet a real
-    failure of the service."""
+    then the connection closes, its JSON body carrying `message` as GCS's do), or resets it when
+    `status` is 0. Real clients then meet a real failure of the service."""
 
-    def __init__(self, target: str, trigger: bytes, seconds: float, status: int = 0):
+    def __init__(self, target: str, trigger: bytes, seconds: float, status: int = 0,
+                 message: str = "the service is down"):
         host, port = target.split("://")[1].split(":")
         self._target, self._trigger, self._seconds = (host, int(port)), trigger, seconds
-        body = json.dumps({"error": {"code": status, "message": "the service is down"}}).encode()
+        body = json.dumps({"error": {"code": status, "message": message}}).encode()
         head = (f"HTTP/1.1 {status} Service Down\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         self._answer = head + body if status else b""

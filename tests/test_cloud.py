@@ -14,16 +14,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import jax
 import numpy as np
 import pytest
 
 from configs import llama_1b
+import emulators
 from trees import assert_trees_close
 
 import lm
-from lm import fs, hf, metrics, orbax_s3, prepare
+from lm import checkpoint, fs, hf, metrics, orbax_s3, prepare
 from lm.config import ConfigError
 from lm.train import train_and_evaluate
 
@@ -59,10 +61,9 @@ def env(gcs_server, s3_server, tmp_path_factory):
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
-def run(command: list[str], env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=env)
-    return result
+def run(command: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def trained(command: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -351,3 +352,62 @@ def test_a_checkpoint_save_that_storage_refuses_stops_the_run_with_one_line_and_
     assert "resumed from step 24" in failed.stdout
     assert checkpoint_steps(workdir) == before
     assert_trees_close(params(workdir), params(pod["local"]))
+
+
+
+def step_25(result: subprocess.CompletedProcess) -> str:
+    return re.search(r"^step 25/25 .*loss (\S+)", result.stdout, re.M)[1]
+
+
+def upload_tree(local: Path, remote: str) -> None:
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.upload(str(file), f"{remote}/{file.relative_to(local).as_posix()}")
+
+
+# Where the 403s start: the first request that carries these bytes (the step's object names, as
+# each client sends them: gcsfs URL-encodes names in paths and sends them raw in upload queries,
+# TensorStore encodes them in both). Orbax first asks whether the step exists (in `save`), then
+# writes its metadata through gcsfs and the arrays through TensorStore (in the background).
+REFUSED_FROM = {
+    "orbax's check of the step": lambda name: quote(name, safe="").encode(),
+    "gcsfs's first write": lambda name: f"name={name}/".encode(),
+    "TensorStore's first write":
+        lambda name: f"uploadType=media&name={quote(name, safe='')}".encode()}
+DENIED = "lm-test@example.com does not have storage.objects.create access to the bucket."
+
+
+@pytest.mark.parametrize("where", list(REFUSED_FROM))
+def test_a_checkpoint_save_that_gcs_refuses_stops_the_run_with_one_line_and_keeps_the_rest(
+        pod, env, gcs_server, where):
+    """The uninterrupted run, copied into the bucket, trains one more step and saves it through a
+    proxy that answers 403 from a request of that save on (as when the credentials lose write
+    access to the bucket), for longer than the run could wait: one line, exit 1, nothing lost."""
+    name = f"runs/refused-{list(REFUSED_FROM).index(where)}"
+    workdir = f"gs://my-bucket/{name}"
+    upload_tree(Path(pod["local"]), workdir)
+    before = checkpoint_steps(workdir)
+    assert before == [24]
+    outage = emulators.Outage(gcs_server.url, REFUSED_FROM[where](f"{name}/checkpoints/25"),
+                              seconds=600, status=403, message=DENIED)
+    try:
+        failed = run(train_command(workdir, pod["data"], **{"train.steps": 25}),
+                     dict(env, STORAGE_EMULATOR_HOST=outage.url,
+                          TENSORSTORE_GCS_HTTP_URL=outage.url), timeout=300)
+    finally:
+        outage.close()
+    assert outage.tripped.is_set() and "resumed from step 24" in failed.stdout
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    # Orbax logs the failed background writes before the line.
+    assert last_line(failed) == (
+        f"error: {workdir}/checkpoints/25: permission denied (HTTP 403: {DENIED}); grant the "
+        f"credentials the storage client uses (docs/scaling.md) write access to the bucket, or "
+        f"write elsewhere (what was written before is intact)")
+    assert failed.stderr.count("error: ") == 1, failed.stderr[-3000:]
+    # Read back without the proxy: the earlier checkpoints are all there and load as before (a
+    # step directory the refused save began is no checkpoint), and the run resumes from them.
+    assert checkpoint.saved_steps(fs.path(workdir) / "checkpoints") == before
+    assert_trees_close(params(workdir), params(pod["local"]))
+    if where == "TensorStore's first write":  # the save that got furthest: its metadata written
+        rerun = trained(train_command(workdir, pod["data"], **{"train.steps": 25}), env)
+        assert resumed_from(rerun) == 24 and step_25(rerun) == step_25(failed)
+        assert checkpoint.saved_steps(fs.path(workdir) / "checkpoints") == before + [25]
