@@ -294,10 +294,12 @@ def _sample(config: ConfigDict, model: Transformer, params: Any,
 
 
 def _exit(message: str) -> NoReturn:
-    """Exit with `message` as the last line. asyncio would report, as the interpreter shuts down,
+    """Exit with `message` as the last line. As the interpreter shuts down, asyncio would report
     each future that a failed save abandoned (orbax's TensorStore writes, refused by the same
-    storage): the same error again, as tracebacks after the line."""
-    python_logging.getLogger("asyncio").setLevel(python_logging.CRITICAL)
+    storage), and orbax's own background threads their end: the same error again, as tracebacks
+    after the line."""
+    for name in ("asyncio", "absl"):
+        python_logging.getLogger(name).setLevel(python_logging.CRITICAL)
     sys.exit(message)
 
 
