@@ -5,6 +5,7 @@ The emulators are real servers on 127.0.0.1 (tests/emulators.py); lm reaches the
 clients' own environment variables, exactly as it reaches a real bucket.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import quote
 
 import jax
@@ -326,22 +328,53 @@ SAVE_FAILS = {
                       r"path"),
     "file too large": (SMALL_FILES, r"25\.orbax-checkpoint-tmp/\S+: file too large for the "
                        r"filesystem or for this process's file-size limit \(ulimit -f\); raise the "
-                       r"limit or write elsewhere \(what was written before is intact\)")}
+                       r"limit or write elsewhere \(what was written before is intact\)"),
+    "disk full": ("", r"25\.orbax-checkpoint-tmp\S*: no space left on the device; free space or "
+                  r"write elsewhere \(what was written before is intact\)")}
+
+
+@contextlib.contextmanager
+def on_a_nearly_full_disk(content: Path, mountpoint: Path, room: int) -> Iterator[Path]:
+    """A copy of `content` on a filesystem of its own (a tmpfs) with `room` bytes left after it,
+    unmounted afterwards; skips where this process may not mount (not root)."""
+    mountpoint.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mountpoint)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small filesystem here (needs root); 'file too large' takes "
+                    "the same path")
+    try:
+        shutil.copytree(content, mountpoint / "run")
+        used = shutil.disk_usage(mountpoint).used
+        subprocess.run(["mount", "-o", f"remount,size={used + room}", str(mountpoint)],
+                       check=True)
+        yield mountpoint / "run"
+    finally:
+        subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
 
 
 @pytest.mark.parametrize("fault", list(SAVE_FAILS))
 def test_a_checkpoint_save_that_storage_refuses_stops_the_run_with_one_line_and_keeps_the_rest(
         pod, env, tmp_path, fault):
+    with contextlib.ExitStack() as stack:
+        if fault == "disk full":  # a real ENOSPC: a checkpoint is ~0.7 MB, 128 KiB are left
+            workdir = stack.enter_context(
+                on_a_nearly_full_disk(pod["local"], tmp_path / "disk", room=128 * 1024))
+        else:
+            workdir = tmp_path / "run"
+            shutil.copytree(pod["local"], workdir)
+        refused_and_intact(pod, env, workdir, fault)
+
+
+def refused_and_intact(pod, env, workdir: Path, fault: str) -> None:
     setup, message = SAVE_FAILS[fault]
-    workdir = tmp_path / "run"
-    shutil.copytree(pod["local"], workdir)
     before = checkpoint_steps(workdir)
     if fault == "no permission":
         (workdir / "checkpoints").chmod(0o555)
         probe = [sys.executable, "-c", f"open({str(workdir / 'checkpoints' / 'probe')!r}, 'w')"]
         if subprocess.run(restricted(probe, setup), capture_output=True).returncode == 0:
             pytest.skip("file permissions do not apply here (root that cannot drop capabilities)")
-    failed = run(restricted(train_command(workdir, pod["data"], **{"train.steps": 25}), setup), env)
+    command = train_command(workdir, pod["data"], **{"train.steps": 25})
+    failed = run(restricted(command, setup) if setup else command, env)
     (workdir / "checkpoints").chmod(0o755)
     assert failed.returncode == 1, failed.stderr[-3000:]
     # Orbax logs the failed background write before the line, and TensorStore's writes still in
@@ -352,7 +385,6 @@ def test_a_checkpoint_save_that_storage_refuses_stops_the_run_with_one_line_and_
     assert "resumed from step 24" in failed.stdout
     assert checkpoint_steps(workdir) == before
     assert_trees_close(params(workdir), params(pod["local"]))
-
 
 
 def step_25(result: subprocess.CompletedProcess) -> str:

@@ -252,7 +252,10 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_restores(
     DAMAGE[damage](workdir / "checkpoints" / str(last))
     assert int(restore(workdir, abstract_state).step) == before
     if "flipped" in damage:
-        assert "differ from the fingerprint saved with them" in capsys.readouterr().err
+        # Mostly zstd decodes the chunk to wrong numbers, which only the fingerprint tells; where
+        # the step that SIGTERM saved puts a frame's header in the middle, decoding fails instead.
+        err = capsys.readouterr().err
+        assert "differ from the fingerprint saved with them" in err or "DATA_LOSS" in err, err
     assert saved_steps(workdir)[-1] == before
     assert (workdir / "checkpoints" / f"{last}.unreadable").is_dir()
 
