@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lm import fs
 from lm.distributed import detected_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,27 +36,30 @@ def env(devices: int) -> dict:
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def launch(workdir: Path, flags: list[str], processes: int = 2, extra=()) -> list[subprocess.Popen]:
-    """The processes of one job; each one's output goes to workdir/../process_<i>.log (a pipe
-    that nobody drains could block one process while the other waits for it in a collective)."""
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
+def launch(workdir, flags: list[str], processes: int = 2, extra=(), logs: Path | None = None
+           ) -> list[subprocess.Popen]:
+    """The processes of one job; each one's output goes to <logs>/process_<i>.log, by default
+    beside a local workdir (a pipe that nobody drains could block one process while the other
+    waits for it in a collective)."""
+    port, logs = free_port(), logs or Path(workdir).parent
+    logs.mkdir(parents=True, exist_ok=True)
     return [subprocess.Popen(
         [sys.executable, "-m", "lm.train", *TINY, *flags, f"--workdir={workdir}",
          f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
          f"--process_id={i}", *extra], cwd=ROOT, env=env(8 // processes),
-        stdout=open(workdir.parent / f"process_{i}.log", "w"), stderr=subprocess.STDOUT)
+        stdout=open(logs / f"process_{i}.log", "w"), stderr=subprocess.STDOUT)
         for i in range(processes)]
 
 
-def finish(procs: list[subprocess.Popen], workdir: Path) -> list[str]:
+def finish(procs: list[subprocess.Popen], workdir, logs: Path | None = None) -> list[str]:
+    logs = logs or Path(workdir).parent
     for p in procs:
         p.wait(timeout=600)
-    return [(workdir.parent / f"process_{i}.log").read_text() for i in range(len(procs))]
+    return [(logs / f"process_{i}.log").read_text() for i in range(len(procs))]
 
 
-def losses(workdir: Path) -> list[float]:
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+def losses(workdir) -> list[float]:
+    records = [json.loads(line) for line in fs.read_text(f"{workdir}/metrics.jsonl").splitlines()]
     return [r["loss"] for r in records if "loss" in r]
 
 
@@ -67,22 +71,26 @@ def train_single(workdir: Path, steps: int) -> str:
     return result.stdout + result.stderr
 
 
-def train_two_processes(workdir: Path, steps: int) -> list[str]:
-    procs = launch(workdir, [*TWO_PROCESS_MESH, f"--config.train.steps={steps}"])
-    outputs = finish(procs, workdir)
+def train_two_processes(workdir, steps: int, logs: Path | None = None) -> list[str]:
+    procs = launch(workdir, [*TWO_PROCESS_MESH, f"--config.train.steps={steps}"], logs=logs)
+    outputs = finish(procs, workdir, logs)
     assert [p.returncode for p in procs] == [0, 0], outputs
     return outputs
 
 
-def test_two_processes_train_and_resume_exactly_like_one_process(tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
+def test_two_processes_train_and_resume_exactly_like_one_process(tmp_path, s3_server):
+    # The two processes' workdir is in a bucket (S3: orbax's checkpoints there are lm's own
+    # extension, lm/orbax_s3.py), as a pod's is: each writes its shards of every checkpoint there.
+    single, multi, logs = tmp_path / "single", "s3://bucket/multihost/run", tmp_path / "logs"
     train_single(single, 4)
-    outputs = train_two_processes(multi, 4)
+    outputs = train_two_processes(multi, 4, logs)
     assert losses(multi) == pytest.approx(losses(single), rel=1e-5)
     assert len(losses(multi)) == 4  # one metrics writer, not two
-    assert len(list(multi.glob("events.out.tfevents.*"))) == 1
+    assert len([p for p in fs.listdir(multi) if p.name.startswith("events.out.tfevents")]) == 1
     assert "step 4/4" in outputs[0] and "step 4/4" not in outputs[1]  # process 0 alone logs
-    assert sorted(p.name for p in (multi / "checkpoints").iterdir()) == ["2", "4"]
+    assert sorted(p.name for p in fs.listdir(f"{multi}/checkpoints")) == ["2", "4"]
+    assert {p.name for p in fs.listdir(f"{multi}/checkpoints/4/params")} >= {
+        "ocdbt.process_0", "ocdbt.process_1", "commit_success.txt"}
 
     # Each layout resumes the other's checkpoint, data position included.
     outputs = train_two_processes(single, 6)
