@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -181,17 +182,20 @@ class Outage:
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
-    def _refuse(self, client: socket.socket) -> None:
-        """Answer the request with the error (after reading it), or reset the connection."""
-        try:
-            if self._answer:
+    def _refuse(self, client: socket.socket, received: bytes = b"") -> None:
+        """Answer the request (its first bytes `received`) with the error once it is read whole,
+        as a server does (answered while the client still sends, it would see a reset, which
+        clients retry, instead of the error), or reset the connection."""
+        if self._answer:
+            try:
                 client.settimeout(5)
-                client.recv(65536)
+                _read_request(client, received)
                 client.sendall(self._answer)
+                client.shutdown(socket.SHUT_WR)
                 client.close()
                 return
-        except OSError:
-            pass
+            except OSError:
+                pass
         self._reset(client)
 
     def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
@@ -204,11 +208,7 @@ class Outage:
                         self._open -= {source, sink}
                     self._reset_all()
                     self._reset(sink)
-                    if self._answer:
-                        source.sendall(self._answer)
-                        source.close()
-                    else:
-                        self._reset(source)
+                    self._refuse(source, data)
                     return
                 sink.sendall(data)
         except OSError:
@@ -230,3 +230,27 @@ class Outage:
         except OSError:
             pass
         s.close()
+
+
+def _read_request(sock: socket.socket, received: bytes) -> None:
+    """Read the rest of one HTTP request whose first bytes were `received`: its head, then its
+    body (by Content-Length or chunks), unless the client waits for `100 Continue` to send one."""
+    while b"\r\n\r\n" not in received:
+        received += _received(sock)
+    head, _, body = received.partition(b"\r\n\r\n")
+    if re.search(rb"(?im)^expect:\s*100-continue", head):
+        return
+    if match := re.search(rb"(?im)^content-length:\s*(\d+)", head):
+        missing = int(match.group(1)) - len(body)
+        while missing > 0:
+            missing -= len(_received(sock))
+    elif re.search(rb"(?im)^transfer-encoding:\s*chunked", head):
+        while not body.endswith(b"0\r\n\r\n"):
+            body += _received(sock)
+
+
+def _received(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise ConnectionError("the client closed the connection")
+    return data
