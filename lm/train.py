@@ -12,7 +12,6 @@ if __name__ == "__main__":  # before the imports below, which a restart would pa
     allocator.restart_with_retained_memory()
 
 import json
-import logging as python_logging
 import math
 import os
 import signal
@@ -294,13 +293,15 @@ def _sample(config: ConfigDict, model: Transformer, params: Any,
 
 
 def _exit(message: str) -> NoReturn:
-    """Exit with `message` as the last line. As the interpreter shuts down, asyncio would report
-    each future that a failed save abandoned (orbax's TensorStore writes, refused by the same
-    storage), and orbax's own background threads their end: the same error again, as tracebacks
-    after the line."""
-    for name in ("asyncio", "absl"):
-        python_logging.getLogger(name).setLevel(python_logging.CRITICAL)
-    sys.exit(message)
+    """Print `message` as the last line and end the process with status 1, at once. Nothing is
+    left to write by then (train_and_evaluate closed the run's files), but after a failed save the
+    interpreter's shutdown could wait on, or report again after the line, what that save left
+    behind: orbax's and TensorStore's background writes, asyncio's abandoned futures, exit hooks
+    that upload to the same refusing storage. The binary's error path only: a notebook calls
+    train_and_evaluate, which raises."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def main(argv: list[str]) -> None:
